@@ -1,0 +1,119 @@
+"""`run(cfg)`: check the inputs, evaluate through the chosen engine, write results.json, print the comparison."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from integrations.errors import UserError
+
+ENGINES = ('mmengine',)
+
+
+def check_dataset(img_dir: str, ann_file: str) -> int:
+    """Fail early, naming the option, if the data cannot be evaluated; return the number of images."""
+    if not Path(img_dir).is_dir():
+        raise UserError(f'data.img_dir={img_dir}: directory not found')
+    if not Path(ann_file).is_file():
+        raise UserError(f'data.ann_file={ann_file}: file not found')
+    try:
+        coco = json.loads(Path(ann_file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f'data.ann_file={ann_file}: not valid JSON ({err})') from None
+    if not isinstance(coco, dict) or not all(k in coco for k in ('images', 'annotations', 'categories')):
+        raise UserError(f'data.ann_file={ann_file}: not COCO format (needs images, annotations, categories)')
+    missing = [im['file_name'] for im in coco['images'] if not (Path(img_dir) / im['file_name']).is_file()]
+    if missing:
+        raise UserError(f'data.img_dir={img_dir}: {len(missing)} image(s) of {ann_file} missing, '
+                        f'first: {missing[0]}')
+    return len(coco['images'])
+
+
+def check_inputs(cfg: DictConfig) -> int:
+    if cfg.engine.name not in ENGINES:
+        raise UserError(f'engine={cfg.engine.name}: not available (choose from {", ".join(ENGINES)})')
+    for option in ('img_dir', 'ann_file'):
+        if cfg.data.get(option) in (None, '???') or cfg.data._get_node(option)._is_missing():
+            raise UserError(f'data.{option} is required for data={cfg.data.name}: add data.{option}=PATH')
+    num_images = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
+    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+        raise UserError(f'model.checkpoint={cfg.model.checkpoint}: file not found'
+                        + (' (run `make setup` to fetch and convert the YOLOv5s weights)'
+                           if 'checkpoints/' in str(cfg.model.checkpoint) else ''))
+    return num_images
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _metric_block(metrics: dict, prefix: str) -> dict | None:
+    keys = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+    if f'{prefix}/bbox_mAP' not in metrics:
+        return None
+    return {k: metrics[f'{prefix}/{k}'] for k in keys}
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
+    """Evaluate `cfg` and return the results dict (also written to <output_dir>/results.json)."""
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+        output_dir = HydraConfig.get().runtime.output_dir
+    output_dir = Path(output_dir)
+    num_images = check_inputs(cfg)
+
+    from integrations.mmengine.runner import test
+
+    export_dir = output_dir / 'export'
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = test(cfg, output_dir, export_dir)
+    except BaseException:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        raise
+    metrics, report = outcome['metrics'], outcome['report']
+    results = {
+        'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
+        'precision': cfg.precision.name, 'engine': cfg.engine.name, 'num_images': num_images,
+        'config': cfg.model.config, 'checkpoint': cfg.model.checkpoint,
+        'input_shape': report['input_shape'],
+        'shape_note': 'fixed-shape letterbox for native and device (the config\'s batch_shapes_cfg is off)',
+        'device': _metric_block(metrics, 'device'),
+        'native': _metric_block(metrics, 'native'),
+        'fidelity': ({'max_abs_diff': metrics['fidelity/max_abs_diff'],
+                      'min_cosine': metrics['fidelity/min_cosine']} if 'fidelity/max_abs_diff' in metrics
+                     else None),
+        'export_check': report['export_check'],
+        'timings': {**report['timings'], 'eval_s': outcome['eval_s'], 'device_s': metrics['timing/device_s'],
+                    'images_per_s': num_images / outcome['eval_s']},
+        'artifacts': report['artifacts'], 'io': report['io'], 'runtime_version': report['runtime_version'],
+    }
+    write_json_atomic(output_dir / 'results.json', results)
+    print(format_comparison(results), file=sys.stdout)
+    return results
+
+
+def format_comparison(results: dict) -> str:
+    """Device and native mAP side by side, derived from the results dict."""
+    label = f"{results['runtime']} {results['precision']}"
+    lines = [f"{'metric':<14}{label:>14}{'native':>14}"]
+    for key in results['device']:
+        native = results['native'][key] if results['native'] else None
+        lines.append(f"{key:<14}{results['device'][key]:>14.4f}" + (f'{native:>14.4f}' if native is not None
+                                                                     else f"{'-':>14}"))
+    if results['fidelity']:
+        lines.append(f"raw maps: max |diff| {results['fidelity']['max_abs_diff']:.3g}, "
+                     f"min cosine {results['fidelity']['min_cosine']:.6f}")
+    t = results['timings']
+    lines.append(f"{results['num_images']} images, {t['images_per_s']:.2f} images/s "
+                 f"(export {t['export_s']:.1f}s, build {t['build_s']:.1f}s, eval {t['eval_s']:.1f}s)")
+    return '\n'.join(lines)

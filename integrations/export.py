@@ -1,0 +1,60 @@
+"""Export the head-cut model to ONNX (and optionally TorchScript), simplified, checked against PyTorch."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class RawMapGraph(torch.nn.Module):
+    """The detector up to the raw prediction maps; use inside the family's `cut_head` context.
+
+    Built in eval mode: torch.onnx.export restores the wrapper's mode afterwards, recursively, and a wrapper in
+    the default training mode would leave the detector's BatchNorm layers training.
+    """
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+        self.eval()
+
+    def forward(self, inputs):
+        return tuple(self.detector._forward(inputs))
+
+
+def export_onnx(graph: torch.nn.Module, sample: torch.Tensor, path: Path, output_prefix: str, opset: int = 13,
+                simplify: bool = True) -> dict:
+    """Write `graph` as ONNX with a dynamic batch axis; return the input/output names and shapes."""
+    with torch.no_grad():
+        outputs = graph(sample)
+    output_names = [f'{output_prefix}_{i}' for i in range(len(outputs))]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the TorchScript-based exporter is deprecated but reaches opset 13
+        torch.onnx.export(graph, (sample,), str(path), input_names=['input'], output_names=output_names,
+                          opset_version=opset, dynamo=False,
+                          dynamic_axes={name: {0: 'batch'} for name in ['input', *output_names]})
+    if simplify:
+        import onnx
+        import onnxslim
+        onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    return {'input': {'name': 'input', 'shape': list(sample.shape)},
+            'outputs': [{'name': n, 'shape': list(o.shape)} for n, o in zip(output_names, outputs)]}
+
+
+def export_torchscript(graph: torch.nn.Module, sample: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(graph, sample), str(path))
+
+
+def compare_maps(reference: list, candidate: list) -> dict:
+    """Max abs difference and min cosine similarity over a list of same-shaped raw maps."""
+    max_abs, min_cos = 0.0, 1.0
+    for ref, cand in zip(reference, candidate):
+        ref = np.asarray(ref, np.float64).reshape(ref.shape[0], -1)
+        cand = np.asarray(cand, np.float64).reshape(cand.shape[0], -1)
+        max_abs = max(max_abs, float(np.abs(ref - cand).max()))
+        cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12)
+        min_cos = min(min_cos, float(cos.min()))
+    return {'max_abs_diff': max_abs, 'min_cosine': min_cos}

@@ -1,0 +1,104 @@
+"""Run the evaluation inside mmengine's own `runner.test()`: the model config's dataset, pipeline, data
+preprocessor and metric, with ExportHook and DeviceEvaluator added to it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from integrations.errors import UserError
+from integrations.models import get_family
+
+CUSTOM_IMPORTS = ['integrations.mmengine.hooks', 'evaluators.mmengine']
+
+
+def load_model_config(config: str):
+    """An mmengine config from a path or from an installed package (`mmyolo::yolov5/….py`)."""
+    from mmengine.config import Config
+    from mmengine.utils import get_installed_path
+
+    path = config
+    if '::' in config:
+        package, relative = config.split('::', 1)
+        try:
+            path = str(Path(get_installed_path(package)) / '.mim' / 'configs' / relative)
+        except Exception:  # get_installed_path raises whatever importlib does for a missing package
+            raise UserError(f'model.config={config}: package {package} is not installed') from None
+    if not Path(path).is_file():
+        raise UserError(f'model.config={config}: config file not found')
+    return Config.fromfile(path)
+
+
+def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
+    """The model's mmengine config, pointed at `cfg.data` and extended with the export/device pieces."""
+    family = get_family(cfg.model.family)
+    mm_cfg = load_model_config(cfg.model.config)
+    loader = mm_cfg.test_dataloader
+    loader.batch_size = cfg.eval.batch_size
+    loader.num_workers = 0
+    loader.persistent_workers = False
+    loader.pin_memory = False
+    dataset = loader.dataset
+    dataset.data_root = ''
+    dataset.ann_file = str(Path(cfg.data.ann_file).resolve())
+    dataset.data_prefix = dict(img=str(Path(cfg.data.img_dir).resolve()) + '/')
+    family.prepare_config(mm_cfg, cfg.eval)
+
+    metrics = mm_cfg.test_evaluator
+    metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
+    for metric in metrics:
+        metric.ann_file = dataset.ann_file
+    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics,
+                                 label=f'{cfg.runtime.name} {cfg.precision.name}')
+    runtime = {k: v for k, v in cfg.runtime.items()}
+    # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
+    # the evaluation tests exactly the checkpoint's state_dict
+    kept_hooks = [h for h in mm_cfg.get('custom_hooks', []) if 'EMAHook' not in h['type']]
+    mm_cfg.custom_hooks = [*kept_hooks,
+                           dict(type='ExportHook', family=cfg.model.family, out_dir=str(export_dir),
+                                runtime=runtime, precision=cfg.precision.name, opset=cfg.export.opset,
+                                simplify=cfg.export.simplify, torchscript=cfg.export.torchscript,
+                                compare_native=cfg.eval.compare_native),
+                           dict(type='ProgressBarHook')]
+    mm_cfg.custom_imports = dict(imports=CUSTOM_IMPORTS, allow_failed_imports=False)
+    mm_cfg.default_hooks.logger.interval = 10 ** 9  # the progress bar replaces per-iteration log lines
+    mm_cfg.default_hooks.pop('visualization', None)
+    mm_cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
+    mm_cfg.work_dir = str(output_dir / 'mmengine')
+    mm_cfg.load_from = None  # loaded by integrations.checkpoint, without unpickling arbitrary objects
+    mm_cfg.launcher = 'none'
+    mm_cfg.log_level = cfg.engine.log_level
+    return mm_cfg
+
+
+def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
+    """Build the Runner, load the checkpoint safely, run `runner.test()`; metrics and the export report."""
+    from mmengine.runner import Runner
+    from mmengine.utils import import_modules_from_strings
+    from mmyolo.utils import register_all_modules
+
+    from integrations.checkpoint import apply_state_dict, load_state_dict
+
+    register_all_modules(init_default_scope=True)
+    import_modules_from_strings(CUSTOM_IMPORTS)  # registers ExportHook, ProgressBarHook, DeviceEvaluator
+    mm_cfg = build_config(cfg, output_dir, export_dir)
+    runner = Runner.from_cfg(mm_cfg)
+    if cfg.model.checkpoint:
+        apply_state_dict(runner.model, load_state_dict(cfg.model.checkpoint, cfg.model.trust_checkpoint),
+                         cfg.model.checkpoint)
+    start = time.perf_counter()
+    try:
+        metrics = runner.test()
+    except AssertionError as err:
+        if 'failed to load image' in str(err):
+            raise UserError(f'data.img_dir: {err}; replace or remove that image') from None
+        raise
+    finally:
+        for hook in runner.hooks:
+            if type(hook).__name__ == 'ProgressBarHook':
+                hook.close()
+    eval_s = time.perf_counter() - start
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'ExportHook')
+    eval_s -= hook.report['timings']['export_s'] + hook.report['timings']['build_s']
+    return {'metrics': metrics, 'report': hook.report, 'eval_s': eval_s}

@@ -1,0 +1,68 @@
+"""mmyolo YOLOv5 (P5 n-x, P6): test-time config, the head cut, raw-map taps and the host decoder."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+OUTPUT_PREFIX = 'raw_map'
+
+
+def prepare_config(mm_cfg, eval_cfg) -> None:
+    """Make the model config's test setup match a fixed-shape export.
+
+    The config's `batch_shapes_cfg` letterboxes each batch to its own rectangle, which a static export cannot
+    follow, so it is switched off: native and device then both see the fixed `img_scale` letterbox. The
+    post-processing thresholds come from `eval` so native and device decode alike.
+    """
+    dataset = mm_cfg.test_dataloader.dataset
+    dataset.batch_shapes_cfg = None
+    test_cfg = mm_cfg.model.test_cfg
+    test_cfg.score_thr = eval_cfg.score_thr
+    test_cfg.nms = dict(type='nms', iou_threshold=eval_cfg.nms_iou)
+    test_cfg.max_per_img = eval_cfg.max_per_img
+    test_cfg.nms_pre = eval_cfg.nms_pre
+
+
+def input_shape(mm_cfg) -> tuple[int, int, int]:
+    """(C, H, W) of the exported input: the config's `img_scale` is (width, height)."""
+    width, height = mm_cfg.img_scale
+    return 3, height, width
+
+
+def raw_map_modules(model) -> list:
+    """Modules whose outputs are the raw maps: the head's final 1x1 convs, one per level."""
+    return list(model.bbox_head.head_module.convs_pred)
+
+
+@contextmanager
+def cut_head(model):
+    """Make `model._forward(x)` return the raw maps (N, A*(5+C), H, W) per level; restored on exit."""
+    head_module = model.bbox_head.head_module
+
+    def raw_maps(feats):
+        return tuple(conv(x) for conv, x in zip(head_module.convs_pred, feats))
+
+    head_module.forward = raw_maps
+    try:
+        yield
+    finally:
+        del head_module.forward
+
+
+def build_decoder(model, shape: tuple[int, int, int]):
+    """The vectorized decoder for raw maps of the given input shape, with the model's own anchors and
+    post-processing settings (`bbox_head.test_cfg`, which `prepare_config` fills from `eval`)."""
+    import torch
+
+    from evaluators.decode.yolov5 import YOLOv5Decoder
+
+    head = model.bbox_head
+    _, height, width = shape
+    sizes = [(height // s, width // s) for s in head.featmap_strides]
+    priors = head.prior_generator.grid_priors(sizes, dtype=torch.float32, device='cpu')
+    strides = [torch.full((h * w * head.num_base_priors,), float(s)) for (h, w), s in
+               zip(sizes, head.featmap_strides)]
+    test_cfg = head.test_cfg
+    return YOLOv5Decoder(torch.cat(priors), torch.cat(strides), head.num_classes,
+                         score_thr=test_cfg.get('score_thr', 0.001), nms_iou=test_cfg.nms.iou_threshold,
+                         max_per_img=test_cfg.max_per_img, nms_pre=test_cfg.get('nms_pre', 30000),
+                         multi_label=test_cfg.get('multi_label', True))

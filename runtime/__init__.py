@@ -1,0 +1,18 @@
+"""Runtimes: one module each (`runtime.<name>`, named by `runtime.name` in the config) with a `Runtime` class.
+
+A Runtime turns an exported ONNX file into a runnable artifact (`build`) and opens it (`load`) as a Session whose
+`run(batch)` maps a float32 NCHW batch to the list of raw maps, in the export's output order.
+"""
+from importlib import import_module
+
+
+def get_runtime(name: str, **options):
+    """Instantiate `runtime.<name>.Runtime(**options)`."""
+    try:
+        module = import_module(f'runtime.{name}')
+    except ModuleNotFoundError as err:
+        if err.name != f'runtime.{name}':
+            raise
+        from integrations.errors import UserError
+        raise UserError(f"runtime={name}: no such runtime (see conf/runtime/)") from None
+    return module.Runtime(**options)

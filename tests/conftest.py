@@ -1,0 +1,74 @@
+"""Shared fixtures: composed Hydra configs, the converted YOLOv5s model, real images."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from integrations.config import ROOT, register_resolvers
+
+COCO128 = ROOT.parent / 'shared' / 'data' / 'coco128'
+DEMO_IMAGES = ROOT / 'data' / 'demo' / 'images'
+
+register_resolvers()
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(ROOT / 'conf'), version_base='1.3'):
+        return compose('config', overrides=list(overrides))
+
+
+@pytest.fixture(scope='session')
+def coco128() -> Path:
+    """../shared/data/coco128; under CI it must be there (an error, not a skip)."""
+    if not COCO128.is_dir():
+        if os.environ.get('CI') == 'true':
+            pytest.fail(f'{COCO128} is missing under CI=true')
+        pytest.skip('../shared/data/coco128 not beside the checkout')
+    return COCO128
+
+
+@pytest.fixture(scope='session')
+def assets():
+    """The setup's assets: converted checkpoint, TF.js graph and demo images (`make setup` writes them)."""
+    from integrations import assets as a
+    missing = [p for p in (a.CHECKPOINT, a.TFJS_DIR / 'model.json', DEMO_IMAGES) if not p.exists()]
+    if missing:
+        pytest.fail(f'missing {missing}: run `make setup`')
+    return a
+
+
+@pytest.fixture(scope='session')
+def yolov5s(assets):
+    """The mmyolo YOLOv5s with the converted COCO weights, in eval mode."""
+    from mmyolo.registry import MODELS
+    from mmyolo.utils import register_all_modules
+
+    from integrations.checkpoint import load_state_dict
+    from integrations.mmengine.runner import load_model_config
+
+    register_all_modules()
+    model = MODELS.build(load_model_config(assets.YOLOV5S_CONFIG).model)
+    model.load_state_dict(load_state_dict(assets.CHECKPOINT), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope='session')
+def make_batch(assets, yolov5s):
+    """Real images through the config's own test pipeline and data preprocessor (fixed 640 letterbox)."""
+    from mmcv.transforms import Compose
+    from mmengine.dataset import pseudo_collate
+
+    from integrations.mmengine.runner import load_model_config
+
+    cfg = load_model_config(assets.YOLOV5S_CONFIG)
+    steps = [s for s in cfg.test_pipeline if 'LoadAnnotations' not in s['type']]
+    pipeline = Compose(steps)
+
+    def make(paths):
+        data = [pipeline(dict(img_path=str(p), img_id=i)) for i, p in enumerate(paths)]
+        return yolov5s.data_preprocessor(pseudo_collate(data), False)
+
+    return make

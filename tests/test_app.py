@@ -1,0 +1,102 @@
+"""End to end, as a user runs it: `python run.py …` on the demo set and on real COCO images."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from integrations.app import run
+from integrations.config import ROOT
+from tests.conftest import compose_cfg
+
+RESULT_KEYS = {'model', 'variant', 'runtime', 'precision', 'engine', 'num_images', 'device', 'native',
+               'fidelity', 'timings', 'artifacts'}
+METRIC_KEYS = {'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l'}
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / 'run.py'), *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def demo_results(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo')
+    return run(compose_cfg(), out), out
+
+
+def test_demo_results_json(demo_results):
+    results, out = demo_results
+    assert json.loads((out / 'results.json').read_text()) == results
+    assert RESULT_KEYS <= set(results)
+    assert set(results['device']) == set(results['native']) == METRIC_KEYS
+    assert results['num_images'] == 13 and results['input_shape'] == [3, 640, 640]
+    assert (out / 'export' / 'model.onnx').is_file()
+    assert [o['shape'] for o in results['io']['outputs']] == [[1, 255, 80, 80], [1, 255, 40, 40], [1, 255, 20, 20]]
+    assert results['fidelity']['max_abs_diff'] < 1e-3 and results['fidelity']['min_cosine'] > 0.99999
+    assert results['device']['bbox_mAP'] > 0.3  # real weights on real photographs
+    assert abs(results['device']['bbox_mAP'] - results['native']['bbox_mAP']) <= 0.001
+    assert all(results['timings'][k] > 0 for k in ('export_s', 'eval_s', 'images_per_s'))
+
+
+def test_compare_native_false_skips_native(demo_results, tmp_path):
+    results = run(compose_cfg('eval.compare_native=false'), tmp_path)
+    assert results['native'] is None and results['fidelity'] is None
+    assert results['device'] == demo_results[0]['device']
+
+
+def test_coco128_device_equals_native_in_published_range(coco128, tmp_path):
+    """Real COCO train2017 images and ground truth, through the CLI as a user runs it."""
+    proc = run_cli('data=coco', f'data.img_dir={coco128 / "images"}', f'data.ann_file={coco128 / "instances.json"}',
+                   f'hydra.run.dir={tmp_path}')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    device, native = results['device']['bbox_mAP'], results['native']['bbox_mAP']
+    assert results['num_images'] == 96
+    assert abs(device - native) <= 0.001, (device, native)
+    assert 0.40 <= device <= 0.55, device
+    printed = proc.stdout + proc.stderr
+    assert printed.count('Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]') == 2
+    assert printed.count("'bbox_mAP_copypaste'") == 2
+
+
+def _corrupt_demo(tmp_path):
+    images = tmp_path / 'images'
+    shutil.copytree(ROOT / 'data' / 'demo' / 'images', images)
+    (images / 'zidane.jpg').write_bytes(b'not a jpeg')
+    return images
+
+
+def _mismatched_checkpoint(tmp_path):
+    import torch
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': torch.nn.Conv2d(3, 3, 1).state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize('case', ['img_dir', 'ann_file', 'checkpoint', 'unreadable', 'mismatch', 'coco_no_paths'])
+def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
+    run_dir = tmp_path / 'run'
+    args = {
+        'img_dir': ['data.img_dir=/no/such/dir'],
+        'ann_file': [f'data.ann_file={tmp_path}/missing.json'],
+        'checkpoint': [f'model.checkpoint={tmp_path}/missing.pth'],
+        'unreadable': lambda: [f'data.img_dir={_corrupt_demo(tmp_path)}'],
+        'mismatch': lambda: [f'model.checkpoint={_mismatched_checkpoint(tmp_path)}'],
+        'coco_no_paths': ['data=coco'],
+    }[case]
+    args = args() if callable(args) else args
+    proc = run_cli(*args, f'hydra.run.dir={run_dir}')
+    expected = {'img_dir': 'data.img_dir', 'ann_file': 'data.ann_file', 'checkpoint': 'model.checkpoint',
+                'unreadable': 'zidane.jpg', 'mismatch': 'missing keys', 'coco_no_paths': 'data.img_dir'}[case]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert not (run_dir / 'results.json').exists() and not (run_dir / 'export').exists()
+
+
+def test_unknown_group_value_fails_clearly(tmp_path):
+    proc = run_cli('model=nope', f'hydra.run.dir={tmp_path}')
+    assert proc.returncode != 0
+    assert "Could not find 'model/nope'" in proc.stderr and 'Traceback' not in proc.stderr
