@@ -23,7 +23,7 @@ PIP=("$PY" -m pip install -q -c constraints.txt)
 "${PIP[@]}" setuptools wheel ninja
 
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
-  log "installing torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION"
+  log "installing torch $TORCH_VERSION and torchvision (constraints.txt)"
   "${PIP[@]}" torch torchvision
 fi
 
