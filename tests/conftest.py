@@ -72,3 +72,17 @@ def make_batch(assets, yolov5s):
         return yolov5s.data_preprocessor(pseudo_collate(data), False)
 
     return make
+
+
+@pytest.fixture(scope='session')
+def demo_subset(tmp_path_factory):
+    """A COCO file holding three of the demo images, for runs where the figure is not the point."""
+    import json
+    coco = json.loads((ROOT / 'data' / 'demo' / 'annotations.json').read_text())
+    names = {'bus.jpg', 'zidane.jpg', 'horses.jpg'}
+    images = [im for im in coco['images'] if im['file_name'] in names]
+    ids = {im['id'] for im in images}
+    coco.update(images=images, annotations=[a for a in coco['annotations'] if a['image_id'] in ids])
+    path = tmp_path_factory.mktemp('subset') / 'subset.json'
+    path.write_text(json.dumps(coco))
+    return path
