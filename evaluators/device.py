@@ -1,5 +1,5 @@
-"""The engine-independent core of device evaluation: run the runtime on the batch the native pipeline produced,
-decode on the host, and measure how far the device's raw maps are from the native model's."""
+"""The engine-independent core of device evaluation: run a runtime session on the batch the native pipeline
+produced, decode on the host, and measure how far its raw maps are from the native model's."""
 from __future__ import annotations
 
 import time
@@ -10,33 +10,45 @@ import torch
 from integrations.export import compare_maps
 
 
-class DeviceInference:
-    """Session + decoder, with forward hooks on the native model's raw-map modules (`taps`) so the native
-    forward of the same batch is compared with the device's raw maps without a second forward pass."""
+class NativeTaps:
+    """Forward hooks on the native model's raw-map modules: the native forward of a batch leaves its raw maps
+    here, so the device's maps are compared without a second forward pass."""
 
-    def __init__(self, session, decoder, taps=()):
-        self.session = session
-        self.decoder = decoder
-        self.native_maps: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._record) for m in taps]
-        self.device_s = 0.0
-        self.fidelity = {'max_abs_diff': 0.0, 'min_cosine': 1.0} if taps else None
+    def __init__(self, modules=()):
+        self.maps: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._record) for m in modules]
 
     def _record(self, module, args, output) -> None:
-        self.native_maps.append(output.detach())
+        self.maps.append(output.detach())
 
-    def __call__(self, inputs: torch.Tensor, metas: list[dict]) -> list[dict[str, torch.Tensor]]:
-        batch = inputs.detach().cpu().numpy().astype(np.float32, copy=False)
-        start = time.perf_counter()
-        raw_maps = self.session.run(batch)
-        self.device_s += time.perf_counter() - start
-        if self.native_maps:
-            diff = compare_maps([m.numpy() for m in self.native_maps], raw_maps)
-            self.fidelity['max_abs_diff'] = max(self.fidelity['max_abs_diff'], diff['max_abs_diff'])
-            self.fidelity['min_cosine'] = min(self.fidelity['min_cosine'], diff['min_cosine'])
-            self.native_maps.clear()
-        return self.decoder([torch.from_numpy(m) for m in raw_maps], metas)
+    def take(self) -> list[np.ndarray]:
+        maps, self.maps = [m.numpy() for m in self.maps], []
+        return maps
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class DeviceInference:
+    """A runtime session plus the family's decoder; accumulates runtime seconds and raw-map fidelity."""
+
+    def __init__(self, session, decoder):
+        self.session = session
+        self.decoder = decoder
+        self.runtime_s = 0.0
+        self.fidelity: dict | None = None
+
+    def __call__(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
+        batch = inputs.detach().cpu().numpy().astype(np.float32, copy=False)
+        start = time.perf_counter()
+        raw_maps = self.session.run(batch)
+        self.runtime_s += time.perf_counter() - start
+        if native_maps:
+            diff = compare_maps(native_maps, raw_maps)
+            if self.fidelity is None:
+                self.fidelity = diff
+            else:
+                self.fidelity = {'max_abs_diff': max(self.fidelity['max_abs_diff'], diff['max_abs_diff']),
+                                 'min_cosine': min(self.fidelity['min_cosine'], diff['min_cosine'])}
+        return self.decoder([torch.from_numpy(m) for m in raw_maps], metas)

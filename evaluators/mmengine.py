@@ -1,7 +1,8 @@
-"""DeviceEvaluator: an mmengine Evaluator that scores the device path beside the native model in `runner.test()`.
+"""DeviceEvaluator: an mmengine Evaluator that scores runtime paths beside the native model in `runner.test()`.
 
-It wraps the config's own metrics twice: the native copy (prefix `native`) sees the model's predictions as
-usual, the device copy (prefix `device`) sees the runtime's decoded detections for the same batch.
+It wraps the config's own metrics once per path: the native copy (prefix `native`) sees the model's
+predictions as usual; each runtime path (`device`, and `reference` when a reference precision is evaluated
+in the same run) sees that runtime's decoded detections for the same batch.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.registry import EVALUATOR
 from mmengine.structures import InstanceData
 
-from evaluators.device import DeviceInference
+from evaluators.device import DeviceInference, NativeTaps
 
 SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
 
@@ -25,18 +26,19 @@ def _with_prefix(metrics, prefix: str) -> list:
 
 @EVALUATOR.register_module()
 class DeviceEvaluator(Evaluator):
-    """Evaluator for native and device predictions of the same batches.
+    """Evaluator for native and runtime predictions of the same batches.
 
     Args:
         metrics: metric configs (the model config's test_evaluator metrics, e.g. mmdet.CocoMetric).
-        label: shown in the printout, e.g. 'onnx fp32'. Defaults to 'device'.
+        labels: printed name of each runtime path, e.g. {'device': 'onnx int8'}. Defaults to the path names.
     """
 
-    def __init__(self, metrics, label: str = 'device'):
+    def __init__(self, metrics, labels: dict | None = None):
         super().__init__(_with_prefix(metrics, 'native'))
-        self.device_evaluator = Evaluator(_with_prefix(metrics, 'device'))
-        self.label = label
-        self.inference: DeviceInference | None = None
+        self.metric_cfgs = metrics
+        self.labels = dict(labels or {})
+        self.paths: dict[str, tuple[DeviceInference, Evaluator]] = {}
+        self.taps = NativeTaps()
         self.preprocessor = None
         self.compare_native = True
 
@@ -49,41 +51,51 @@ class DeviceEvaluator(Evaluator):
         self._dataset_meta = meta
         for metric in self.metrics:
             metric.dataset_meta = meta
-        self.device_evaluator.dataset_meta = meta
+        for _, evaluator in self.paths.values():
+            evaluator.dataset_meta = meta
 
-    def attach(self, session, decoder, preprocessor, taps=()) -> None:
-        """Called by ExportHook before the loop: the runtime session, decoder and the model's preprocessor."""
-        self.inference = DeviceInference(session, decoder, taps)
+    def attach(self, sessions: dict, decoder, preprocessor, taps=()) -> None:
+        """Called by ExportHook before the loop: one session per path, the decoder, the model's preprocessor
+        and the native raw-map modules (none: the native forward is skipped)."""
+        for name, session in sessions.items():
+            evaluator = Evaluator(_with_prefix(self.metric_cfgs, name))
+            evaluator.dataset_meta = getattr(self, '_dataset_meta', None)
+            self.paths[name] = (DeviceInference(session, decoder), evaluator)
         self.preprocessor = preprocessor
+        self.taps = NativeTaps(taps)
         self.compare_native = bool(taps)
 
     def process(self, data_samples, data_batch=None) -> None:
-        if self.inference is None:
+        if not self.paths:
             raise RuntimeError('DeviceEvaluator has no runtime: add ExportHook to custom_hooks')
         batch = self.preprocessor(data_batch, False)
         metas = [sample.metainfo for sample in batch['data_samples']]
-        detections = self.inference(batch['inputs'], metas)
-        device_samples = []
-        for sample, det in zip(batch['data_samples'], detections):
-            sample = sample.clone()
-            sample.pred_instances = InstanceData(**det)
-            device_samples.append(sample)
-        self.device_evaluator.process(device_samples, data_batch)
+        native_maps = self.taps.take()
+        for inference, evaluator in self.paths.values():
+            detections = inference(batch['inputs'], metas, native_maps)
+            samples = []
+            for sample, det in zip(batch['data_samples'], detections):
+                sample = sample.clone()
+                sample.pred_instances = InstanceData(**det)
+                samples.append(sample)
+            evaluator.process(samples, data_batch)
         if self.compare_native:
             super().process(data_samples, data_batch)
 
     def evaluate(self, size: int) -> dict:
-        print(f'==== device ({self.label}) ====', flush=True)
-        results = self.device_evaluator.evaluate(size)
-        print(_seed_dict(results, 'device'), flush=True)
+        results = {}
+        for name, (inference, evaluator) in self.paths.items():
+            print(f'==== {name} ({self.labels.get(name, name)}) ====', flush=True)
+            results.update(evaluator.evaluate(size))
+            print(_seed_dict(results, name), flush=True)
+            results[f'{name}/runtime_s'] = inference.runtime_s
+            if inference.fidelity:
+                results.update({f'{name}/raw_{k}': v for k, v in inference.fidelity.items()})
         if self.compare_native:
             print('==== native (PyTorch) ====', flush=True)
-            native = super().evaluate(size)
-            print(_seed_dict(native, 'native'), flush=True)
-            results.update(native)
-            results.update({f'fidelity/{k}': v for k, v in self.inference.fidelity.items()})
-        results['timing/device_s'] = self.inference.device_s
-        self.inference.close()
+            results.update(super().evaluate(size))
+            print(_seed_dict(results, 'native'), flush=True)
+        self.taps.close()
         return results
 
 

@@ -63,6 +63,11 @@ def _metric_block(metrics: dict, prefix: str) -> dict | None:
     return {k: metrics[f'{prefix}/{k}'] for k in keys}
 
 
+def _delta(a: dict | None, b: dict | None) -> float | None:
+    """bbox mAP difference a - b, when both were measured."""
+    return round(a['bbox_mAP'] - b['bbox_mAP'], 6) if a and b else None
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     """Evaluate `cfg` and return the results dict (also written to <output_dir>/results.json)."""
     if output_dir is None:
@@ -81,19 +86,22 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         shutil.rmtree(export_dir, ignore_errors=True)
         raise
     metrics, report = outcome['metrics'], outcome['report']
+    device, native, reference = (_metric_block(metrics, p) for p in ('device', 'native', 'reference'))
     results = {
         'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
         'precision': cfg.precision.name, 'engine': cfg.engine.name, 'num_images': num_images,
         'config': cfg.model.config, 'checkpoint': cfg.model.checkpoint,
         'input_shape': report['input_shape'],
         'shape_note': 'fixed-shape letterbox for native and device (the config\'s batch_shapes_cfg is off)',
-        'device': _metric_block(metrics, 'device'),
-        'native': _metric_block(metrics, 'native'),
-        'fidelity': ({'max_abs_diff': metrics['fidelity/max_abs_diff'],
-                      'min_cosine': metrics['fidelity/min_cosine']} if 'fidelity/max_abs_diff' in metrics
+        'device': device, 'native': native, 'reference': reference,
+        'delta': {'device_minus_native': _delta(device, native), 'device_minus_reference': _delta(device, reference),
+                  'reference': cfg.eval.reference},
+        'fidelity': ({'max_abs_diff': metrics['device/raw_max_abs_diff'],
+                      'min_cosine': metrics['device/raw_min_cosine']} if 'device/raw_max_abs_diff' in metrics
                      else None),
+        'precision_details': report['precision'],
         'export_check': report['export_check'],
-        'timings': {**report['timings'], 'eval_s': outcome['eval_s'], 'device_s': metrics['timing/device_s'],
+        'timings': {**report['timings'], 'eval_s': outcome['eval_s'], 'runtime_s': metrics['device/runtime_s'],
                     'images_per_s': num_images / outcome['eval_s']},
         'artifacts': report['artifacts'], 'io': report['io'], 'runtime_version': report['runtime_version'],
     }
@@ -104,12 +112,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
 
 def format_comparison(results: dict) -> str:
     """Device and native mAP side by side, derived from the results dict."""
-    label = f"{results['runtime']} {results['precision']}"
-    lines = [f"{'metric':<14}{label:>14}{'native':>14}"]
+    columns = {f"{results['runtime']} {results['precision']}": results['device']}
+    if results['reference']:
+        columns[f"{results['runtime']} {results['delta']['reference']}"] = results['reference']
+    if results['native']:
+        columns['native'] = results['native']
+    lines = [f"{'metric':<14}" + ''.join(f'{name:>14}' for name in columns)]
     for key in results['device']:
-        native = results['native'][key] if results['native'] else None
-        lines.append(f"{key:<14}{results['device'][key]:>14.4f}" + (f'{native:>14.4f}' if native is not None
-                                                                     else f"{'-':>14}"))
+        lines.append(f'{key:<14}' + ''.join(f'{block[key]:>14.4f}' for block in columns.values()))
     if results['fidelity']:
         lines.append(f"raw maps: max |diff| {results['fidelity']['max_abs_diff']:.3g}, "
                      f"min cosine {results['fidelity']['min_cosine']:.6f}")

@@ -1,9 +1,19 @@
 """Runtimes: one module each (`runtime.<name>`, named by `runtime.name` in the config) with a `Runtime` class.
 
-A Runtime turns an exported ONNX file into a runnable artifact (`build`) and opens it (`load`) as a Session whose
-`run(batch)` maps a float32 NCHW batch to the list of raw maps, in the export's output order.
+A Runtime turns an exported ONNX file into a runnable `Artifact` (`build`) and opens it (`load`) as a Session
+whose `run(batch)` maps a float32 NCHW batch to the list of raw maps, in the export's output order.
 """
+from dataclasses import dataclass, field
 from importlib import import_module
+from pathlib import Path
+
+
+@dataclass
+class Artifact:
+    """What a runtime built: the file to load and what was done to get it (reported in results.json)."""
+
+    path: Path
+    info: dict = field(default_factory=dict)
 
 
 def get_runtime(name: str, **options):
@@ -14,5 +24,5 @@ def get_runtime(name: str, **options):
         if err.name != f'runtime.{name}':
             raise
         from integrations.errors import UserError
-        raise UserError(f"runtime={name}: no such runtime (see conf/runtime/)") from None
+        raise UserError(f'runtime={name}: no such runtime (see conf/runtime/)') from None
     return module.Runtime(**options)

@@ -1,9 +1,19 @@
-"""ONNX Runtime on the CPU: the reference runtime, runs anywhere."""
+"""ONNX Runtime on the CPU: the reference runtime. fp32 runs the export as is, fp16 converts it (float
+inputs/outputs kept), int8 quantizes it statically with onnxruntime.quantization and a calibration set."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from integrations.errors import UserError
+from runtime import Artifact
+
+# VastAI's calibration method names -> onnxruntime's calibrators; ORT has no MSE calibrator.
+CALIBRATION_METHODS = {'max': 'MinMax', 'kl_divergence': 'Entropy', 'percentile': 'Percentile'}
+# onnxruntime's Entropy calibrator defaults to as many histogram bins as quantized bins (128), which leaves the
+# KL search a single candidate, the full range (= max); a finer histogram gives it thresholds to choose from.
+ENTROPY_BINS = 512
 
 
 class OrtSession:
@@ -22,25 +32,109 @@ class OrtSession:
         return self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
 
 
+def nodes_matching(model, patterns: list[str]) -> list[str]:
+    """ONNX node names for `precision.exclude` entries: a node name, or a module name (`neck.reduce_layers.2`)
+    matched through the node's scope (`/neck/reduce_layers.2/…`) or its weight's name (`…<module>.weight`)."""
+    matched = []
+    for pattern in patterns:
+        scope = '/' + pattern.replace('.', '/') + '/'
+        hits = [n.name for n in model.graph.node
+                if n.name == pattern or n.name.startswith(scope)
+                or any(i == f'{pattern}.weight' or i.endswith(f'.{pattern}.weight') for i in n.input)]
+        if not hits:
+            raise UserError(f'precision.exclude: {pattern!r} matches no node of the exported model '
+                            '(give an ONNX node name or a module name such as bbox_head.head_module.convs_pred.0)')
+        matched += [h for h in hits if h not in matched]
+    return matched
+
+
 class Runtime:
-    """Builds nothing at fp32: the exported ONNX file is the artifact."""
+    """ONNX Runtime, CPU execution provider."""
 
     name = 'onnx'
+    calibration_methods = tuple(CALIBRATION_METHODS)
 
-    def __init__(self, precision: str = 'fp32', intra_op_threads: int = 0):
-        self.precision = precision
+    def __init__(self, precision: dict, intra_op_threads: int = 0):
+        self.precision = dict(precision)
         self.intra_op_threads = intra_op_threads
+        if self.precision['name'] not in ('fp32', 'fp16', 'int8'):
+            raise UserError(f"precision={self.precision['name']}: runtime=onnx supports fp32, fp16, int8")
+        if self.precision['name'] == 'int8':
+            calibration = self.precision['calibration']
+            if calibration['method'] not in CALIBRATION_METHODS:
+                raise UserError(f"precision.calibration.method={calibration['method']}: runtime=onnx supports "
+                                f'{", ".join(CALIBRATION_METHODS)}')
+            if not 0 < float(calibration['percentile']) <= 100:
+                raise UserError(f"precision.calibration.percentile={calibration['percentile']}: "
+                                'must be in (0, 100]')
+            if self.precision['format'] not in ('qdq', 'qoperator'):
+                raise UserError(f"precision.format={self.precision['format']}: use qdq or qoperator")
 
     @staticmethod
     def version() -> str:
         import onnxruntime
         return onnxruntime.__version__
 
-    def build(self, onnx_path: Path, out_dir: Path) -> Path:
-        if self.precision != 'fp32':
-            from integrations.errors import UserError
-            raise UserError(f'precision={self.precision}: runtime=onnx supports fp32 only so far')
-        return onnx_path
+    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float: list[str] = ()) -> Artifact:
+        """The model file to run: the export itself (fp32), an fp16 copy, or a statically quantized copy."""
+        import onnx
 
-    def load(self, artifact: Path) -> OrtSession:
-        return OrtSession(artifact, self.intra_op_threads)
+        name = self.precision['name']
+        if name == 'fp32':
+            return Artifact(onnx_path, {'name': 'fp32'})
+        if name == 'fp16':
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            out = out_dir / 'model_fp16.onnx'
+            onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(out))
+            return Artifact(out, {'name': 'fp16', 'io': 'float32'})
+        return self._quantize(onnx_path, out_dir, calibration, list(keep_float))
+
+    def _quantize(self, onnx_path: Path, out_dir: Path, calibration, keep_float: list[str]) -> Artifact:
+        import onnx
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                              quantize_static)
+
+        if calibration is None:
+            raise ValueError('int8 needs a calibration reader')
+        p = self.precision
+        symmetric = bool(p['activation_symmetric'])
+        method = getattr(CalibrationMethod, CALIBRATION_METHODS[p['calibration']['method']])
+        prepared = out_dir / 'model_prep.onnx'
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        ranges = out_dir / 'calibration.json'
+        self._calibrate(prepared, calibration, method, symmetric, ranges)
+        excluded = nodes_matching(onnx.load(str(prepared)), [*keep_float, *p['exclude']])
+        out = out_dir / 'model_int8.onnx'
+        quantize_static(
+            str(prepared), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges),
+            quant_format=QuantFormat.QDQ if p['format'] == 'qdq' else QuantFormat.QOperator,
+            per_channel=bool(p['per_channel']),
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=excluded,
+            extra_options={'ActivationSymmetric': symmetric, 'WeightSymmetric': True})
+        prepared.unlink()
+        return Artifact(out, {'name': 'int8', 'method': p['calibration']['method'],
+                              'num_images': len(calibration.paths), 'calibration_ranges': str(ranges),
+                              'excluded_nodes': excluded,
+                              'per_channel': bool(p['per_channel']), 'format': p['format'],
+                              'activation_symmetric': symmetric,
+                              'percentile': float(p['calibration']['percentile'])})
+
+    def _calibrate(self, model: Path, reader, method, symmetric: bool, ranges: Path) -> None:
+        """Activation ranges from the calibration images, with onnxruntime's calibrators, saved as the
+        calibration cache that quantize_static reads (also a reusable artifact)."""
+        import tempfile
+
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+        options = {'symmetric': symmetric, 'percentile': float(self.precision['calibration']['percentile']),
+                   'num_bins': ENTROPY_BINS if method.name == 'Entropy' else 2048}
+        with tempfile.TemporaryDirectory(prefix='inloop-calib-') as tmp:
+            calibrator = create_calibrator(model, None, augmented_model_path=str(Path(tmp) / 'augmented.onnx'),
+                                           calibrate_method=method, extra_options=options)
+            calibrator.collect_data(reader)
+            save_tensors_data(calibrator.compute_data(), ranges)
+
+    def load(self, artifact: Artifact) -> OrtSession:
+        return OrtSession(artifact.path, self.intra_op_threads)

@@ -4,7 +4,7 @@ import torch
 
 from integrations.export import RawMapGraph, compare_maps, export_onnx
 from integrations.models.yolov5 import cut_head
-from runtime import get_runtime
+from runtime.onnx import OrtSession
 
 
 def test_cut_head_returns_raw_maps_and_restores_forward(yolov5s):
@@ -28,7 +28,7 @@ def test_onnx_export_matches_pytorch_and_keeps_eval_mode(yolov5s, tmp_path):
         assert not any(m.training for m in yolov5s.modules())  # the exporter restored eval mode
         with torch.no_grad():
             expected = [m.numpy() for m in graph(sample)]
-    got = get_runtime('onnx').load(tmp_path / 'm.onnx').run(sample.numpy())  # dynamic batch: 2
+    got = OrtSession(tmp_path / 'm.onnx').run(sample.numpy())  # dynamic batch: 2
     assert [o['name'] for o in spec['outputs']] == ['raw_map_0', 'raw_map_1', 'raw_map_2']
     diff = compare_maps(expected, got)
     assert diff['max_abs_diff'] < 1e-3 and diff['min_cosine'] > 0.99999

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from integrations.errors import UserError
 from integrations.models import get_family
@@ -49,15 +49,18 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
     for metric in metrics:
         metric.ann_file = dataset.ann_file
-    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics,
-                                 label=f'{cfg.runtime.name} {cfg.precision.name}')
-    runtime = {k: v for k, v in cfg.runtime.items()}
+    labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}',
+              'reference': f'{cfg.runtime.name} {cfg.eval.reference}'}
+    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels)
+    runtime = OmegaConf.to_container(cfg.runtime, resolve=True)
+    precision = OmegaConf.to_container(cfg.precision, resolve=True)
     # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
     # the evaluation tests exactly the checkpoint's state_dict
     kept_hooks = [h for h in mm_cfg.get('custom_hooks', []) if 'EMAHook' not in h['type']]
     mm_cfg.custom_hooks = [*kept_hooks,
                            dict(type='ExportHook', family=cfg.model.family, out_dir=str(export_dir),
-                                runtime=runtime, precision=cfg.precision.name, opset=cfg.export.opset,
+                                runtime=runtime, precision=precision, reference=cfg.eval.reference,
+                                opset=cfg.export.opset,
                                 simplify=cfg.export.simplify, torchscript=cfg.export.torchscript,
                                 compare_native=cfg.eval.compare_native),
                            dict(type='ProgressBarHook')]

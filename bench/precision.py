@@ -1,0 +1,94 @@
+"""Throughput of each precision of the ONNX Runtime path, measured in one process on the same images.
+
+    .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 3] [--threads 0]
+
+Exports the YOLOv5s once, builds fp32, fp16 and int8 (the default conf/precision/int8.yaml, calibrated on the
+demo images) and times `session.run` on the same preprocessed images (batch 1), after a warm-up. Prints images/s
+and the ratio to fp32. No figure here is asserted anywhere: this is a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--images', default=str(ROOT.parent / 'shared' / 'data' / 'coco128' / 'images'))
+    parser.add_argument('--num', type=int, default=32)
+    parser.add_argument('--passes', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=0)
+    parser.add_argument('--int8', nargs='*', default=[], metavar='OVERRIDE',
+                        help='extra Hydra overrides for the int8 variant, e.g. precision.format=qoperator')
+    args = parser.parse_args()
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from mmyolo.registry import MODELS
+    from mmyolo.utils import register_all_modules
+    from omegaconf import OmegaConf
+
+    from integrations import assets
+    from integrations.checkpoint import load_state_dict
+    from integrations.config import register_resolvers
+    from integrations.export import RawMapGraph, export_onnx
+    from integrations.mmengine.hooks import loop_preprocessing
+    from integrations.mmengine.runner import load_model_config
+    from integrations.models.yolov5 import cut_head
+    from runtime import get_runtime
+    from runtime.calibration import CalibrationReader, select_images
+
+    register_resolvers()
+    register_all_modules()
+    mm_cfg = load_model_config(assets.YOLOV5S_CONFIG)
+    model = MODELS.build(mm_cfg.model)
+    model.load_state_dict(load_state_dict(assets.CHECKPOINT))
+    model.eval()
+    preprocess = loop_preprocessing(mm_cfg, model)
+    images = sorted(Path(args.images).glob('*.jpg'))[:args.num] or sorted((ROOT / 'data/demo/images').iterdir())
+    batches = [preprocess(p) for p in images]
+
+    with initialize_config_dir(str(ROOT / 'conf'), version_base='1.3'):
+        precisions = {name: OmegaConf.to_container(
+            compose('config', [f'precision={name}', *(args.int8 if name == 'int8' else [])]).precision,
+            resolve=True) for name in ('fp32', 'fp16', 'int8')}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        with cut_head(model):
+            export_onnx(RawMapGraph(model), torch.rand(1, 3, 640, 640), out / 'model.onnx', 'raw_map')
+        sessions = {}
+        for name, precision in precisions.items():
+            runtime = get_runtime('onnx', precision=precision, intra_op_threads=args.threads)
+            calibration = None
+            if name == 'int8':
+                settings = precision['calibration']
+                paths, _ = select_images(settings['data'], settings['num_images'], settings['seed'], set(images))
+                calibration = CalibrationReader(paths, preprocess)
+            keep = [f'bbox_head.head_module.convs_pred.{i}' for i in range(3)] \
+                if precision.get('keep_raw_map_convs_float') else []
+            sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out, calibration, keep))
+
+        speed = {}
+        for name, session in sessions.items():
+            for batch in batches[:3]:
+                session.run(batch)  # warm-up
+            start = time.perf_counter()
+            for _ in range(args.passes):
+                for batch in batches:
+                    session.run(batch)
+            speed[name] = args.passes * len(batches) / (time.perf_counter() - start)
+
+    print(f'onnxruntime CPU, {len(batches)} images x {args.passes} passes, batch 1, threads={args.threads or "auto"}')
+    print(f"{'precision':<10}{'images/s':>10}{'ms/image':>10}{'vs fp32':>9}")
+    for name, ips in speed.items():
+        print(f"{name:<10}{ips:>10.2f}{1000 / ips:>10.1f}{ips / speed['fp32']:>8.2f}x")
+
+
+if __name__ == '__main__':
+    main()
