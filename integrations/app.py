@@ -74,6 +74,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         from hydra.core.hydra_config import HydraConfig
         output_dir = HydraConfig.get().runtime.output_dir
     output_dir = Path(output_dir)
+    if cfg.task == 'cache':
+        return cache_task(cfg)
+    if cfg.task != 'eval':
+        raise UserError(f'task={cfg.task}: choose eval or cache')
     num_images = check_inputs(cfg)
 
     from integrations.mmengine.runner import test
@@ -100,7 +104,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
                       'min_cosine': metrics['device/raw_min_cosine']} if 'device/raw_max_abs_diff' in metrics
                      else None),
         'precision_details': report['precision'],
-        'export_check': report['export_check'],
+        'export_check': report['export_check'], 'cache': report['cache'],
         'timings': {**report['timings'], 'eval_s': outcome['eval_s'], 'runtime_s': metrics['device/runtime_s'],
                     'images_per_s': num_images / outcome['eval_s']},
         'artifacts': report['artifacts'], 'io': report['io'], 'runtime_version': report['runtime_version'],
@@ -108,6 +112,24 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     write_json_atomic(output_dir / 'results.json', results)
     print(format_comparison(results), file=sys.stdout)
     return results
+
+
+def cache_task(cfg: DictConfig) -> dict:
+    """List the artifact cache, or clean it (cache.clean=all|invalid)."""
+    from runtime.cache import ArtifactCache
+
+    cache = ArtifactCache(cfg.cache.dir)
+    if cfg.cache.clean not in (None, 'all', 'invalid'):
+        raise UserError(f'cache.clean={cfg.cache.clean}: use all or invalid')
+    if cfg.cache.clean:
+        print(f'removed {cache.clean(only_invalid=cfg.cache.clean == "invalid")} entries from {cache.root}')
+    rows = cache.entries()
+    print(f'{len(rows)} entries in {cache.root}')
+    for row in rows:
+        d = row['describe']
+        print(f"{row['key']}  {row['bytes'] / 2**20:8.1f} MiB  {'ok' if row['valid'] else 'DAMAGED':7s}  "
+              f"{d.get('model')} {d.get('runtime')} {d.get('precision')}  {d.get('config')}")
+    return {'cache_dir': str(cache.root), 'entries': rows}
 
 
 def format_comparison(results: dict) -> str:
@@ -125,5 +147,6 @@ def format_comparison(results: dict) -> str:
                      f"min cosine {results['fidelity']['min_cosine']:.6f}")
     t = results['timings']
     lines.append(f"{results['num_images']} images, {t['images_per_s']:.2f} images/s "
-                 f"(export {t['export_s']:.1f}s, build {t['build_s']:.1f}s, eval {t['eval_s']:.1f}s)")
+                 f"(export {t['export_s']:.1f}s, build {t['build_s']:.1f}s, eval {t['eval_s']:.1f}s, "
+                 f"cache {results['cache']})")
     return '\n'.join(lines)

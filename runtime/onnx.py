@@ -115,7 +115,7 @@ class Runtime:
             extra_options={'ActivationSymmetric': symmetric, 'WeightSymmetric': True})
         prepared.unlink()
         return Artifact(out, {'name': 'int8', 'method': p['calibration']['method'],
-                              'num_images': len(calibration.paths), 'calibration_ranges': str(ranges),
+                              'num_images': len(calibration.paths), 'calibration_ranges': ranges.name,
                               'excluded_nodes': excluded,
                               'per_channel': bool(p['per_channel']), 'format': p['format'],
                               'activation_symmetric': symmetric,

@@ -15,6 +15,12 @@ DEMO_IMAGES = ROOT / 'data' / 'demo' / 'images'
 register_resolvers()
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _private_artifact_cache(tmp_path_factory):
+    """Tests (and the CLI runs they start) use a cache of their own, never the user's."""
+    os.environ['INLOOP_CACHE_DIR'] = str(tmp_path_factory.mktemp('artifact-cache'))
+
+
 def compose_cfg(*overrides: str):
     with initialize_config_dir(str(ROOT / 'conf'), version_base='1.3'):
         return compose('config', overrides=list(overrides))

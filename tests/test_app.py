@@ -1,5 +1,6 @@
 """End to end, as a user runs it: `python run.py …` on the demo set and on real COCO images."""
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_demo_results_json(demo_results):
     assert RESULT_KEYS <= set(results)
     assert set(results['device']) == set(results['native']) == METRIC_KEYS
     assert results['num_images'] == 13 and results['input_shape'] == [3, 640, 640]
-    assert (out / 'export' / 'model.onnx').is_file()
+    assert Path(results['artifacts']['onnx']).is_file() and results['cache'] in ('miss', 'hit')
     assert [o['shape'] for o in results['io']['outputs']] == [[1, 255, 80, 80], [1, 255, 40, 40], [1, 255, 20, 20]]
     assert results['fidelity']['max_abs_diff'] < 1e-3 and results['fidelity']['min_cosine'] > 0.99999
     assert results['device']['bbox_mAP'] > 0.3  # real weights on real photographs

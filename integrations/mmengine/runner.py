@@ -62,7 +62,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
                                 runtime=runtime, precision=precision, reference=cfg.eval.reference,
                                 opset=cfg.export.opset,
                                 simplify=cfg.export.simplify, torchscript=cfg.export.torchscript,
-                                compare_native=cfg.eval.compare_native),
+                                compare_native=cfg.eval.compare_native,
+                                cache_dir=cfg.cache.dir if cfg.cache.enabled else None),
                            dict(type='ProgressBarHook')]
     mm_cfg.custom_imports = dict(imports=CUSTOM_IMPORTS, allow_failed_imports=False)
     mm_cfg.default_hooks.logger.interval = 10 ** 9  # the progress bar replaces per-iteration log lines
