@@ -3,12 +3,13 @@
     .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 3] [--threads 0]
 
 Exports the YOLOv5s once, builds fp32, fp16 and int8 (the default conf/precision/int8.yaml, calibrated on the
-demo images) and times `session.run` on the same preprocessed images (batch 1), after a warm-up. Prints images/s
-and the ratio to fp32. No figure here is asserted anywhere: this is a measurement.
+demo images) and times `session.run` on the same preprocessed images (batch 1), after a warm-up, in passes interleaved
+across precisions (median pass reported). Prints images/s and the ratio to fp32. No figure here is asserted anywhere: this is a measurement.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--images', default=str(ROOT.parent / 'shared' / 'data' / 'coco128' / 'images'))
     parser.add_argument('--num', type=int, default=32)
-    parser.add_argument('--passes', type=int, default=3)
+    parser.add_argument('--passes', type=int, default=5)
     parser.add_argument('--threads', type=int, default=0)
     parser.add_argument('--int8', nargs='*', default=[], metavar='OVERRIDE',
                         help='extra Hydra overrides for the int8 variant, e.g. precision.format=qoperator')
@@ -74,15 +75,19 @@ def main() -> None:
                 if precision.get('keep_raw_map_convs_float') else []
             sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out, calibration, keep))
 
-        speed = {}
-        for name, session in sessions.items():
+        # passes interleaved across precisions, median pass per precision: drift of the machine (clock,
+        # neighbours) then hits every precision alike instead of whichever happened to run at the time
+        for session in sessions.values():
             for batch in batches[:3]:
                 session.run(batch)  # warm-up
-            start = time.perf_counter()
-            for _ in range(args.passes):
+        pass_rates = {name: [] for name in sessions}
+        for _ in range(args.passes):
+            for name, session in sessions.items():
+                start = time.perf_counter()
                 for batch in batches:
                     session.run(batch)
-            speed[name] = args.passes * len(batches) / (time.perf_counter() - start)
+                pass_rates[name].append(len(batches) / (time.perf_counter() - start))
+        speed = {name: statistics.median(rates) for name, rates in pass_rates.items()}
 
     print(f'onnxruntime CPU, {len(batches)} images x {args.passes} passes, batch 1, threads={args.threads or "auto"}')
     print(f"{'precision':<10}{'images/s':>10}{'ms/image':>10}{'vs fp32':>9}")
