@@ -3,6 +3,7 @@ produced, decode on the host, and measure how far its raw maps are from the nati
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,19 +32,34 @@ class NativeTaps:
 
 
 class DeviceInference:
-    """A runtime session plus the family's decoder; accumulates runtime seconds and raw-map fidelity."""
+    """A runtime session plus the family's decoder; accumulates runtime seconds and raw-map fidelity.
+
+    `submit` starts the runtime call on a worker thread (runtimes release the GIL while they compute) and
+    `finish` decodes its result, so the caller can load, preprocess and decode other batches meanwhile.
+    Calls run one at a time and in order, so results equal the sequential loop's.
+    """
 
     def __init__(self, session, decoder):
         self.session = session
         self.decoder = decoder
         self.runtime_s = 0.0
         self.fidelity: dict | None = None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='runtime')
 
-    def __call__(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
-        batch = inputs.detach().cpu().numpy().astype(np.float32, copy=False)
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
         raw_maps = self.session.run(batch)
         self.runtime_s += time.perf_counter() - start
+        return raw_maps
+
+    def submit(self, inputs: torch.Tensor) -> Future:
+        return self.worker.submit(self._run, inputs.detach().cpu().numpy().astype(np.float32, copy=False))
+
+    def __call__(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
+        return self.finish(self.submit(inputs), metas, native_maps)
+
+    def finish(self, future: Future, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
+        raw_maps = future.result()
         if native_maps:
             diff = compare_maps(native_maps, raw_maps)
             if self.fidelity is None:

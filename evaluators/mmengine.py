@@ -7,6 +7,7 @@ in the same run) sees that runtime's decoded detections for the same batch.
 from __future__ import annotations
 
 import copy
+from collections import deque
 
 from mmengine.evaluator import Evaluator
 from mmengine.registry import EVALUATOR
@@ -33,7 +34,7 @@ class DeviceEvaluator(Evaluator):
         labels: printed name of each runtime path, e.g. {'device': 'onnx int8'}. Defaults to the path names.
     """
 
-    def __init__(self, metrics, labels: dict | None = None):
+    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True):
         super().__init__(_with_prefix(metrics, 'native'))
         self.metric_cfgs = metrics
         self.labels = dict(labels or {})
@@ -41,6 +42,9 @@ class DeviceEvaluator(Evaluator):
         self.taps = NativeTaps()
         self.preprocessor = None
         self.compare_native = True
+        # overlap: batch k runs on the runtime while the loop decodes batch k-1 and loads batch k+1
+        self.in_flight = 1 if overlap else 0
+        self.pending: deque = deque()
 
     @property
     def dataset_meta(self):
@@ -69,20 +73,29 @@ class DeviceEvaluator(Evaluator):
         if not self.paths:
             raise RuntimeError('DeviceEvaluator has no runtime: add ExportHook to custom_hooks')
         batch = self.preprocessor(data_batch, False)
-        metas = [sample.metainfo for sample in batch['data_samples']]
-        native_maps = self.taps.take()
-        for inference, evaluator in self.paths.values():
-            detections = inference(batch['inputs'], metas, native_maps)
+        futures = {name: inference.submit(batch['inputs']) for name, (inference, _) in self.paths.items()}
+        self.pending.append((futures, batch['data_samples'], self.taps.take(), data_batch))
+        if self.compare_native:
+            super().process(data_samples, data_batch)
+        while len(self.pending) > self.in_flight:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        """Decode the oldest batch in flight and feed each path's metrics, in batch order."""
+        futures, data_samples, native_maps, data_batch = self.pending.popleft()
+        metas = [sample.metainfo for sample in data_samples]
+        for name, (inference, evaluator) in self.paths.items():
+            detections = inference.finish(futures[name], metas, native_maps)
             samples = []
-            for sample, det in zip(batch['data_samples'], detections):
+            for sample, det in zip(data_samples, detections):
                 sample = sample.clone()
                 sample.pred_instances = InstanceData(**det)
                 samples.append(sample)
             evaluator.process(samples, data_batch)
-        if self.compare_native:
-            super().process(data_samples, data_batch)
 
     def evaluate(self, size: int) -> dict:
+        while self.pending:
+            self._finish_oldest()
         results = {}
         for name, (inference, evaluator) in self.paths.items():
             print(f'==== {name} ({self.labels.get(name, name)}) ====', flush=True)

@@ -41,6 +41,8 @@ def check_inputs(cfg: DictConfig) -> int:
         if cfg.data.get(option) in (None, '???') or cfg.data._get_node(option)._is_missing():
             raise UserError(f'data.{option} is required for data={cfg.data.name}: add data.{option}=PATH')
     num_images = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
+    if cfg.eval.get('num_images'):
+        num_images = min(num_images, cfg.eval.num_images)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise UserError(f'model.checkpoint={cfg.model.checkpoint}: file not found'
                         + (' (run `make setup` to fetch and convert the YOLOv5s weights)'
@@ -76,9 +78,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     output_dir = Path(output_dir)
     if cfg.task == 'cache':
         return cache_task(cfg)
-    if cfg.task != 'eval':
-        raise UserError(f'task={cfg.task}: choose eval or cache')
+    if cfg.task not in ('eval', 'bench'):
+        raise UserError(f'task={cfg.task}: choose eval, bench or cache')
     num_images = check_inputs(cfg)
+    if cfg.task == 'bench':
+        return bench_task(cfg, output_dir)
 
     from integrations.mmengine.runner import test
 
@@ -112,6 +116,29 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     write_json_atomic(output_dir / 'results.json', results)
     print(format_comparison(results), file=sys.stdout)
     return results
+
+
+def bench_task(cfg: DictConfig, output_dir: Path) -> dict:
+    """Speed figures (vamp-style blocks printed as they come) written to bench.json."""
+    from omegaconf import open_dict
+
+    from integrations.bench import run_bench
+
+    with open_dict(cfg):
+        cfg.eval.compare_native = False  # the loop is measured against the bare runtime: no native forward
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = run_bench(cfg, output_dir)
+    write_json_atomic(output_dir / 'bench.json', result)
+    e = result['evaluation']
+    print(f"bare runtime {result['qps']:.2f} images/s (p50 {result['p50'] / 1000:.1f} ms, p90 "
+          f"{result['p90'] / 1000:.1f} ms, p99 {result['p99'] / 1000:.1f} ms); evaluation loop "
+          f"{e['images_per_s']:.2f} images/s, overhead_ratio {e['overhead_ratio']:.2f}, "
+          f"host {e['host_ms_per_image']:.1f} ms/image")
+    if 'replay' in result:
+        print(f"replayed runtime at {result['replay']['latency_ms']} ms: "
+              f"{result['replay']['images_per_s']:.1f} images/s end to end")
+    print(f"bench.json: {output_dir / 'bench.json'}")
+    return result
 
 
 def cache_task(cfg: DictConfig) -> dict:

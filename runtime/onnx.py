@@ -19,11 +19,14 @@ ENTROPY_BINS = 512
 class OrtSession:
     """An onnxruntime InferenceSession behind the runtime Session interface."""
 
-    def __init__(self, path: Path, intra_op_threads: int = 0):
+    def __init__(self, path: Path, intra_op_threads: int = 0, allow_spinning: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # spinning threads busy-wait between calls: faster back to back, but they take the cores that
+        # the evaluation loop's host work (running beside the call) needs
+        options.add_session_config_entry('session.intra_op.allow_spinning', '1' if allow_spinning else '0')
         self.session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -54,9 +57,10 @@ class Runtime:
     name = 'onnx'
     calibration_methods = tuple(CALIBRATION_METHODS)
 
-    def __init__(self, precision: dict, intra_op_threads: int = 0):
+    def __init__(self, precision: dict, intra_op_threads: int = 0, allow_spinning: bool = False):
         self.precision = dict(precision)
         self.intra_op_threads = intra_op_threads
+        self.allow_spinning = allow_spinning
         if self.precision['name'] not in ('fp32', 'fp16', 'int8'):
             raise UserError(f"precision={self.precision['name']}: runtime=onnx supports fp32, fp16, int8")
         if self.precision['name'] == 'int8':
@@ -137,4 +141,4 @@ class Runtime:
             save_tensors_data(calibrator.compute_data(), ranges)
 
     def load(self, artifact: Artifact) -> OrtSession:
-        return OrtSession(artifact.path, self.intra_op_threads)
+        return OrtSession(artifact.path, self.intra_op_threads, self.allow_spinning)

@@ -35,27 +35,39 @@ class YOLOv5Decoder:
         self.nms_pre = nms_pre
         self.multi_label = multi_label and num_classes > 1
 
-    def flatten(self, raw_maps: list[torch.Tensor]) -> torch.Tensor:
-        """(N, A*(5+C), H, W) per level -> (N, P, 5+C) in the priors' (level, h, w, anchor) order."""
-        n = raw_maps[0].shape[0]
-        attrs = 5 + self.num_classes
-        levels = [m.reshape(n, -1, attrs, m.shape[2], m.shape[3]).permute(0, 3, 4, 1, 2).reshape(n, -1, attrs)
-                  for m in raw_maps]
-        return torch.cat(levels, dim=1)
-
     @torch.no_grad()
     def __call__(self, raw_maps: list[torch.Tensor], metas: list[dict]) -> list[dict[str, torch.Tensor]]:
-        preds = self.flatten(raw_maps)
-        if preds.shape[1] != self.centers.shape[0]:
-            raise ValueError(f'raw maps hold {preds.shape[1]} priors, the decoder expects {self.centers.shape[0]}')
-        return [self._decode_one(pred, meta) for pred, meta in zip(preds, metas)]
+        priors = sum(m.shape[1] // (5 + self.num_classes) * m.shape[2] * m.shape[3] for m in raw_maps)
+        if priors != self.centers.shape[0]:
+            raise ValueError(f'raw maps hold {priors} priors, the decoder expects {self.centers.shape[0]}')
+        return [self._decode_one([m[i] for m in raw_maps], meta) for i, meta in enumerate(metas)]
 
-    def _decode_one(self, pred: torch.Tensor, meta: dict) -> dict[str, torch.Tensor]:
-        # objectness gate first: (P, 5+C) -> (K, 5+C), K << P, so sigmoid/decode run on survivors only
-        objectness = pred[:, 4].sigmoid()
+    def _levels(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(A*(5+C), H, W) per level -> (A, 5+C, H*W) views, no copy."""
+        return [m.reshape(-1, 5 + self.num_classes, m.shape[1] * m.shape[2]) for m in maps]
+
+    def _objectness(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """(P,) objectness logits in prior order (level, h, w, anchor): a copy of one channel, not of 5+C."""
+        return torch.cat([level[:, 4].t().reshape(-1) for level in levels])
+
+    def _gather(self, levels: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """(K, 5+C) predictions of the priors `rows` (sorted), read from the maps' own layout."""
+        out, start = [], 0
+        for level in levels:
+            anchors, _, cells = level.shape
+            end = start + anchors * cells
+            local = rows[(rows >= start) & (rows < end)] - start  # (h*W + w)*A + a
+            out.append(level[local % anchors, :, local // anchors])
+            start = end
+        return torch.cat(out)
+
+    def _decode_one(self, maps: list[torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        # objectness gate first: only the K priors above the threshold (K << P) are gathered and decoded
+        levels = self._levels(maps)
+        objectness = self._objectness(levels).sigmoid()
         rows = (objectness > self.score_thr).nonzero()[:, 0] if self.score_thr > 0 else \
-            torch.arange(pred.shape[0])
-        pred, objectness = pred[rows], objectness[rows]
+            torch.arange(objectness.shape[0])
+        pred, objectness = self._gather(levels, rows), objectness[rows]
         scores = pred[:, 5:].sigmoid() * objectness[:, None]  # (K, C)
         # candidates: (prior, class) pairs above the threshold, best nms_pre kept
         if self.multi_label:
@@ -81,7 +93,7 @@ class YOLOv5Decoder:
             top, _, left, _ = (float(p) for p in meta['pad_param'])
             bboxes -= bboxes.new_tensor([left, top, left, top])
         bboxes /= bboxes.new_tensor(meta['scale_factor']).repeat(2)
-        keep = framework_batched_nms(bboxes, cand_scores, labels, self.nms_iou)[:self.max_per_img]
+        keep = framework_batched_nms(bboxes, cand_scores, labels, self.nms_iou, self.max_per_img)
         bboxes, cand_scores, labels = bboxes[keep], cand_scores[keep], labels[keep]
         height, width = meta['ori_shape'][:2]
         bboxes[:, 0::2] = bboxes[:, 0::2].clamp(0, width)
@@ -89,16 +101,26 @@ class YOLOv5Decoder:
         return {'bboxes': bboxes, 'scores': cand_scores, 'labels': labels}
 
 
-def framework_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float):
-    """mmcv's `batched_nms` decisions with torchvision's NMS kernel; kept indices by decreasing score.
+def framework_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float,
+                          max_keep: int) -> torch.Tensor:
+    """mmcv's `batched_nms` decisions with torchvision's NMS kernel: the first `max_keep` kept indices, by
+    decreasing score. `scores` must be sorted in decreasing order.
 
     Below mmcv's split threshold the classes are separated by offsetting the boxes by label * (max + 1); in
     float32 that offset moves IoUs near the threshold, so it is reproduced rather than replaced by an exact
     per-class NMS, which would keep or drop other boxes than mmyolo does.
+    Greedy NMS decides each box by the higher-scored boxes kept before it, so NMS over the best m candidates
+    keeps exactly the first boxes the full NMS keeps; once that prefix holds `max_keep` boxes the rest of the
+    candidates cannot change the result, and they are never looked at.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64)
-    if len(boxes) < MMCV_SPLIT_THR:
-        offsets = labels.to(boxes) * (boxes.max() + 1)
-        return nms(boxes + offsets[:, None], scores, iou)
-    return batched_nms(boxes, scores, labels, iou)
+    if len(boxes) >= MMCV_SPLIT_THR:
+        return batched_nms(boxes, scores, labels, iou)[:max_keep]
+    shifted = boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]
+    prefix = max(2 * max_keep, 256)
+    while True:
+        keep = nms(shifted[:prefix], scores[:prefix], iou)
+        if len(keep) >= max_keep or prefix >= len(boxes):
+            return keep[:max_keep]
+        prefix *= 2

@@ -18,7 +18,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS
+from mmengine.registry import HOOKS, RUNNERS
+from mmengine.runner import Runner
 
 from integrations.export import RawMapGraph, compare_maps, export_onnx, export_torchscript
 from integrations.models import get_family
@@ -213,20 +214,34 @@ def _named(model, modules) -> list[tuple[str, torch.nn.Module]]:
     return [(names[id(m)], m) for m in modules]
 
 
+@RUNNERS.register_module()
+class EvalRunner(Runner):
+    """mmengine's Runner, collecting the system environment (seconds of subprocess calls) only when the log
+    level will show it."""
+
+    def _log_env(self, env_cfg: dict) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            super()._log_env(env_cfg)
+
+
 @HOOKS.register_module()
 class ProgressBarHook(Hook):
-    """A tqdm bar over the test iterations."""
+    """A tqdm bar over the test iterations; also times the loop itself (`loop_s`: first batch to last, without
+    the set-up before it and the final metric computation after it)."""
 
     priority = 'VERY_LOW'
     bar = None
+    loop_s = 0.0
 
     def before_test_epoch(self, runner) -> None:
         from tqdm import tqdm
         self.bar = tqdm(total=len(runner.test_dataloader), desc='evaluating', unit='batch')
+        self.start = time.perf_counter()
 
     def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self.bar.update(1)
         if self.bar.n >= self.bar.total:
+            self.loop_s = time.perf_counter() - self.start
             self.close()  # before the metrics print their summaries
 
     def close(self) -> None:

@@ -27,7 +27,22 @@ def load_model_config(config: str):
             raise UserError(f'model.config={config}: package {package} is not installed') from None
     if not Path(path).is_file():
         raise UserError(f'model.config={config}: config file not found')
-    return Config.fromfile(path)
+    # yapf-formatting the config text (for logs and dumps) costs seconds per Runner; plain text does
+    return Config.fromfile(path, format_python_code=False)
+
+
+def first_images(ann_file: Path, num_images: int, output_dir: Path) -> Path:
+    """A COCO file with the first `num_images` images of `ann_file` and their annotations."""
+    import json
+
+    coco = json.loads(ann_file.read_text())
+    coco['images'] = coco['images'][:num_images]
+    kept = {image['id'] for image in coco['images']}
+    coco['annotations'] = [a for a in coco['annotations'] if a['image_id'] in kept]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f'{ann_file.stem}.first{num_images}.json'
+    path.write_text(json.dumps(coco))
+    return path
 
 
 def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
@@ -36,13 +51,15 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     mm_cfg = load_model_config(cfg.model.config)
     loader = mm_cfg.test_dataloader
     loader.batch_size = cfg.eval.batch_size
-    loader.num_workers = 0
+    loader.num_workers = cfg.eval.num_workers
     loader.persistent_workers = False
     loader.pin_memory = False
     dataset = loader.dataset
     dataset.data_root = ''
     dataset.ann_file = str(Path(cfg.data.ann_file).resolve())
     dataset.data_prefix = dict(img=str(Path(cfg.data.img_dir).resolve()) + '/')
+    if cfg.eval.get('num_images'):  # the first N images, for the dataset and the metric alike
+        dataset.ann_file = str(first_images(Path(dataset.ann_file), cfg.eval.num_images, output_dir))
     family.prepare_config(mm_cfg, cfg.eval)
 
     metrics = mm_cfg.test_evaluator
@@ -51,7 +68,7 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
         metric.ann_file = dataset.ann_file
     labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}',
               'reference': f'{cfg.runtime.name} {cfg.eval.reference}'}
-    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels)
+    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels, overlap=cfg.eval.overlap)
     runtime = OmegaConf.to_container(cfg.runtime, resolve=True)
     precision = OmegaConf.to_container(cfg.precision, resolve=True)
     # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
@@ -66,6 +83,7 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
                                 cache_dir=cfg.cache.dir if cfg.cache.enabled else None),
                            dict(type='ProgressBarHook')]
     mm_cfg.custom_imports = dict(imports=CUSTOM_IMPORTS, allow_failed_imports=False)
+    mm_cfg.runner_type = 'EvalRunner'
     mm_cfg.default_hooks.logger.interval = 10 ** 9  # the progress bar replaces per-iteration log lines
     mm_cfg.default_hooks.pop('visualization', None)
     mm_cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
@@ -76,21 +94,35 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     return mm_cfg
 
 
-def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
-    """Build the Runner, load the checkpoint safely, run `runner.test()`; metrics and the export report."""
-    from mmengine.runner import Runner
+def build_runner(cfg: DictConfig, output_dir: Path, export_dir: Path):
+    """The Runner of the model config (with our hooks and evaluator) and the checkpoint loaded safely."""
+    from mmengine.registry import RUNNERS
     from mmengine.utils import import_modules_from_strings
     from mmyolo.utils import register_all_modules
 
     from integrations.checkpoint import apply_state_dict, load_state_dict
 
     register_all_modules(init_default_scope=True)
-    import_modules_from_strings(CUSTOM_IMPORTS)  # registers ExportHook, ProgressBarHook, DeviceEvaluator
-    mm_cfg = build_config(cfg, output_dir, export_dir)
-    runner = Runner.from_cfg(mm_cfg)
+    import_modules_from_strings(CUSTOM_IMPORTS)  # registers EvalRunner, ExportHook, DeviceEvaluator, …
+    runner = RUNNERS.build(build_config(cfg, output_dir, export_dir))
     if cfg.model.checkpoint:
         apply_state_dict(runner.model, load_state_dict(cfg.model.checkpoint, cfg.model.trust_checkpoint),
                          cfg.model.checkpoint)
+    return runner
+
+
+def export_hook(runner):
+    return next(h for h in runner.hooks if type(h).__name__ == 'ExportHook')
+
+
+def loop_seconds(runner) -> float:
+    """Seconds of the last test loop's iterations (ProgressBarHook times them)."""
+    return next(h for h in runner.hooks if type(h).__name__ == 'ProgressBarHook').loop_s
+
+
+def run_test(runner) -> tuple[dict, float]:
+    """`runner.test()` with a one-line error for unreadable images; metrics and the seconds of the test
+    (without the export and build)."""
     start = time.perf_counter()
     try:
         metrics = runner.test()
@@ -102,7 +134,12 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
         for hook in runner.hooks:
             if type(hook).__name__ == 'ProgressBarHook':
                 hook.close()
-    eval_s = time.perf_counter() - start
-    hook = next(h for h in runner.hooks if type(h).__name__ == 'ExportHook')
-    eval_s -= hook.report['timings']['export_s'] + hook.report['timings']['build_s']
-    return {'metrics': metrics, 'report': hook.report, 'eval_s': eval_s}
+    timings = export_hook(runner).report['timings']
+    return metrics, time.perf_counter() - start - timings['export_s'] - timings['build_s']
+
+
+def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
+    """Evaluate inside `runner.test()`: metrics, the export report and the loop's seconds."""
+    runner = build_runner(cfg, output_dir, export_dir)
+    metrics, eval_s = run_test(runner)
+    return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s}

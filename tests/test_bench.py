@@ -1,0 +1,60 @@
+"""task=bench, the overlapped evaluation loop and the replayed runtime."""
+import json
+import random
+import time
+
+import numpy as np
+import torch
+
+from evaluators.device import DeviceInference
+from integrations.app import run
+from integrations.bench import ReplaySession, latency_stats, measure
+from tests.conftest import DEMO_IMAGES, compose_cfg
+
+
+class _SlowSession:
+    """Returns its input's mean as a raw map after a random delay, so out-of-order completion would show."""
+
+    def run(self, batch):
+        time.sleep(random.uniform(0, 0.01))
+        return [np.full((1, 2), batch.mean(), np.float32)]
+
+
+def test_submitted_batches_finish_in_order_with_their_own_results():
+    inference = DeviceInference(_SlowSession(), decoder=lambda maps, metas: [float(maps[0][0, 0])])
+    futures = [inference.submit(torch.full((1, 3, 2, 2), float(i))) for i in range(20)]
+    assert [inference.finish(f, [{}])[0] for f in futures] == [float(i) for i in range(20)]
+    assert inference.runtime_s > 0
+
+
+def test_overlapped_loop_equals_sequential_loop(assets, demo_subset, tmp_path):
+    data = ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']
+    overlapped = run(compose_cfg(*data, 'eval.overlap=true'), tmp_path / 'a')
+    sequential = run(compose_cfg(*data, 'eval.overlap=false'), tmp_path / 'b')
+    assert overlapped['device'] == sequential['device'] and overlapped['native'] == sequential['native']
+    assert overlapped['fidelity'] == sequential['fidelity']
+
+
+def test_latency_stats_and_measure():
+    stats = latency_stats([0.001, 0.002, 0.003, 0.004])
+    assert stats['min'] == 1000 and stats['max'] == 4000 and stats['avg'] == 2500 and stats['p50'] == 2500
+    replay = ReplaySession([[np.zeros(1)], [np.ones(1)]], latency_ms=1.0)
+    assert [float(replay.run(None)[0][0]) for _ in range(3)] == [0.0, 1.0, 0.0]
+    figures = measure([replay, ReplaySession([[np.zeros(1)]], 1.0)], np.ascontiguousarray,
+                      [np.zeros((4, 3, 2, 2))], iterations=10)
+    assert figures['samples'] == 40 and figures['model_latency_us']['min'] >= 1000
+    assert figures['throughput_qps'] > 0 and figures['peak_memory_mb'] > 0
+
+
+def test_bench_task_writes_vamp_figures(assets, tmp_path):
+    result = run(compose_cfg('task=bench', 'eval.num_images=4', 'bench.batch_sizes=[1,2]', 'bench.instances=[1,2]',
+                             'bench.iterations=4', 'bench.warmup=1', 'bench.replay_latency_ms=2.5'), tmp_path)
+    saved = json.loads((tmp_path / 'bench.json').read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [(s['batch_size'], s['instances']) for s in saved['settings']] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert saved['settings'][2]['samples'] == 8
+    for key in ('qps', 'p50', 'p90', 'p99', 'offline_samples_per_s'):
+        assert saved[key] > 0
+    assert set(saved['settings'][0]['e2e_latency_us']) == {'avg', 'min', 'max', 'p50', 'p90', 'p99'}
+    assert saved['evaluation']['overhead_ratio'] > 0 and saved['evaluation']['host_ms_per_image'] > 0
+    assert saved['num_images'] == 4 and saved['replay']['images_per_s'] > 0
