@@ -26,19 +26,13 @@ def main() -> None:
     import torch
     from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate
-    from mmyolo.registry import MODELS
-    from mmyolo.utils import register_all_modules
 
     from integrations import assets
-    from integrations.checkpoint import load_state_dict
-    from integrations.mmengine.runner import load_model_config
+    from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models.yolov5 import build_decoder, cut_head
 
-    register_all_modules()
     cfg = load_model_config(assets.YOLOV5S_CONFIG)
-    model = MODELS.build(cfg.model)
-    model.load_state_dict(load_state_dict(assets.CHECKPOINT))
-    model.eval()
+    model = build_model(cfg, assets.CHECKPOINT)
     head = model.bbox_head
     pipeline = Compose([s for s in cfg.test_pipeline if 'LoadAnnotations' not in s['type']])
     decoder = build_decoder(model, (3, 640, 640))

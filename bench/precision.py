@@ -31,26 +31,20 @@ def main() -> None:
 
     import torch
     from hydra import compose, initialize_config_dir
-    from mmyolo.registry import MODELS
-    from mmyolo.utils import register_all_modules
     from omegaconf import OmegaConf
 
     from integrations import assets
-    from integrations.checkpoint import load_state_dict
     from integrations.config import register_resolvers
     from integrations.export import RawMapGraph, export_onnx
     from integrations.mmengine.hooks import loop_preprocessing
-    from integrations.mmengine.runner import load_model_config
+    from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models.yolov5 import cut_head
     from runtime import get_runtime
     from runtime.calibration import CalibrationReader, select_images
 
     register_resolvers()
-    register_all_modules()
     mm_cfg = load_model_config(assets.YOLOV5S_CONFIG)
-    model = MODELS.build(mm_cfg.model)
-    model.load_state_dict(load_state_dict(assets.CHECKPOINT))
-    model.eval()
+    model = build_model(mm_cfg, assets.CHECKPOINT)
     preprocess = loop_preprocessing(mm_cfg, model)
     images = sorted(Path(args.images).glob('*.jpg'))[:args.num] or sorted((ROOT / 'data/demo/images').iterdir())
     batches = [preprocess(p) for p in images]

@@ -67,14 +67,11 @@ def fetch_weights() -> None:
 def convert_checkpoint(tfjs_dir: Path, out: Path, config: str = YOLOV5S_CONFIG) -> None:
     """Write the mmyolo checkpoint: a plain state dict plus where it came from (loads with weights_only)."""
     import torch
-    from mmyolo.registry import MODELS
-    from mmyolo.utils import register_all_modules
 
-    from integrations.mmengine.runner import load_model_config
+    from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models.yolov5_tfjs import convert
 
-    register_all_modules()
-    model = MODELS.build(load_model_config(config).model)
+    model = build_model(load_model_config(config))
     state = convert(tfjs_dir, model)
     model.load_state_dict(state, strict=True)
     tmp = out.with_suffix('.tmp')

@@ -49,16 +49,9 @@ def assets():
 @pytest.fixture(scope='session')
 def yolov5s(assets):
     """The mmyolo YOLOv5s with the converted COCO weights, in eval mode."""
-    from mmyolo.registry import MODELS
-    from mmyolo.utils import register_all_modules
+    from integrations.mmengine.runner import build_model, load_model_config
 
-    from integrations.checkpoint import load_state_dict
-    from integrations.mmengine.runner import load_model_config
-
-    register_all_modules()
-    model = MODELS.build(load_model_config(assets.YOLOV5S_CONFIG).model)
-    model.load_state_dict(load_state_dict(assets.CHECKPOINT), strict=True)
-    return model.eval()
+    return build_model(load_model_config(assets.YOLOV5S_CONFIG), assets.CHECKPOINT)
 
 
 @pytest.fixture(scope='session')

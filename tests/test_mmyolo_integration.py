@@ -36,16 +36,12 @@ def test_hook_and_evaluator_from_a_plain_mmyolo_config(assets, demo_subset, tmp_
 
 def test_other_yolov5_config_and_checkpoint(demo_subset, tmp_path):
     """A P6 config (four levels, 1280 input) with a checkpoint of its own runs the same flow."""
-    from mmyolo.registry import MODELS
-    from mmyolo.utils import register_all_modules
-
-    from integrations.mmengine.runner import load_model_config
+    from integrations.mmengine.runner import build_model, load_model_config
 
     config = 'mmyolo::yolov5/yolov5_n-p6-v62_syncbn_fast_8xb16-300e_coco.py'
-    register_all_modules()
     torch.manual_seed(0)
     checkpoint = tmp_path / 'yolov5n6_random.pth'
-    torch.save({'state_dict': MODELS.build(load_model_config(config).model).state_dict()}, checkpoint)
+    torch.save({'state_dict': build_model(load_model_config(config)).state_dict()}, checkpoint)
     results = run(compose_cfg(f'model.config={config}', f'model.checkpoint={checkpoint}', 'model.variant=n6',
                               'data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}'),
                   tmp_path / 'run')

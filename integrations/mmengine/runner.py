@@ -31,6 +31,20 @@ def load_model_config(config: str):
     return Config.fromfile(path, format_python_code=False)
 
 
+def build_model(mm_cfg, checkpoint: str | Path | None = None):
+    """The detector of an mmyolo/mmdet config in eval mode, with a checkpoint loaded safely if given."""
+    from mmyolo.registry import MODELS
+    from mmyolo.utils import register_all_modules
+
+    from integrations.checkpoint import apply_state_dict, load_state_dict
+
+    register_all_modules()
+    model = MODELS.build(mm_cfg.model)
+    if checkpoint:
+        apply_state_dict(model, load_state_dict(checkpoint), str(checkpoint))
+    return model.eval()
+
+
 def first_images(ann_file: Path, num_images: int, output_dir: Path) -> Path:
     """A COCO file with the first `num_images` images of `ann_file` and their annotations."""
     import json
