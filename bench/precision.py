@@ -1,10 +1,11 @@
 """Throughput of each precision of the ONNX Runtime path, measured in one process on the same images.
 
-    .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 3] [--threads 0]
+    .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 5] [--threads 0] [--int8 OVERRIDE…]
 
 Exports the YOLOv5s once, builds fp32, fp16 and int8 (the default conf/precision/int8.yaml, calibrated on the
-demo images) and times `session.run` on the same preprocessed images (batch 1), after a warm-up, in passes interleaved
-across precisions (median pass reported). Prints images/s and the ratio to fp32. No figure here is asserted anywhere: this is a measurement.
+demo images) and times `session.run` on the same preprocessed images (batch 1), after a warm-up, in passes
+interleaved across precisions (median pass reported). Prints images/s and the ratio to fp32. No figure here is
+asserted anywhere: this is a measurement.
 """
 from __future__ import annotations
 
