@@ -94,20 +94,30 @@ class DeviceEvaluator(Evaluator):
             evaluator.process(samples, data_batch)
 
     def evaluate(self, size: int) -> dict:
+        from mmengine.dist import all_gather_object, is_main_process
+
         while self.pending:
             self._finish_oldest()
         results = {}
         for name, (inference, evaluator) in self.paths.items():
-            print(f'==== {name} ({self.labels.get(name, name)}) ====', flush=True)
+            if is_main_process():
+                print(f'==== {name} ({self.labels.get(name, name)}) ====', flush=True)
             results.update(evaluator.evaluate(size))
-            print(_seed_dict(results, name), flush=True)
-            results[f'{name}/runtime_s'] = inference.runtime_s
-            if inference.fidelity:
-                results.update({f'{name}/raw_{k}': v for k, v in inference.fidelity.items()})
+            if is_main_process():
+                print(_seed_dict(results, name), flush=True)
+            # every rank saw its own shard: runtime seconds add up, fidelity is the worst over ranks
+            per_rank = all_gather_object((inference.runtime_s, inference.fidelity))
+            results[f'{name}/runtime_s'] = sum(runtime_s for runtime_s, _ in per_rank)
+            fidelities = [f for _, f in per_rank if f]
+            if fidelities:
+                results[f'{name}/raw_max_abs_diff'] = max(f['max_abs_diff'] for f in fidelities)
+                results[f'{name}/raw_min_cosine'] = min(f['min_cosine'] for f in fidelities)
         if self.compare_native:
-            print('==== native (PyTorch) ====', flush=True)
+            if is_main_process():
+                print('==== native (PyTorch) ====', flush=True)
             results.update(super().evaluate(size))
-            print(_seed_dict(results, 'native'), flush=True)
+            if is_main_process():
+                print(_seed_dict(results, 'native'), flush=True)
         self.taps.close()
         return results
 

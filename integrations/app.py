@@ -113,8 +113,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
                     'images_per_s': num_images / outcome['eval_s']},
         'artifacts': report['artifacts'], 'io': report['io'], 'runtime_version': report['runtime_version'],
     }
-    write_json_atomic(output_dir / 'results.json', results)
-    print(format_comparison(results), file=sys.stdout)
+    if outcome.get('rank', 0) == 0:  # distributed: every rank has the gathered metrics, one writes them
+        write_json_atomic(output_dir / 'results.json', results)
+        print(format_comparison(results), file=sys.stdout)
     return results
 
 

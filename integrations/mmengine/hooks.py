@@ -216,12 +216,18 @@ def _named(model, modules) -> list[tuple[str, torch.nn.Module]]:
 
 @RUNNERS.register_module()
 class EvalRunner(Runner):
-    """mmengine's Runner, collecting the system environment (seconds of subprocess calls) only when the log
-    level will show it."""
+    """mmengine's Runner for evaluation: collects the system environment (seconds of subprocess calls) only when
+    the log level will show it, and does not wrap the model for distributed training."""
 
     def _log_env(self, env_cfg: dict) -> None:
         if self.logger.isEnabledFor(logging.INFO):
             super()._log_env(env_cfg)
+
+    def wrap_model(self, model_wrapper_cfg, model):
+        """Evaluation synchronizes no gradients, so every rank keeps the plain model (DistributedDataParallel
+        would also insist on a GPU device id); only the device placement of the default path is kept."""
+        from mmengine.device import get_device
+        return model.to(get_device())
 
 
 @HOOKS.register_module()

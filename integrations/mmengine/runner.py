@@ -103,7 +103,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     mm_cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
     mm_cfg.work_dir = str(output_dir / 'mmengine')
     mm_cfg.load_from = None  # loaded by integrations.checkpoint, without unpickling arbitrary objects
-    mm_cfg.launcher = 'none'
+    mm_cfg.launcher = cfg.engine.launcher
+    mm_cfg.env_cfg = dict(mm_cfg.get('env_cfg', {}), dist_cfg=dict(backend=cfg.engine.dist_backend))
     mm_cfg.log_level = cfg.engine.log_level
     return mm_cfg
 
@@ -118,6 +119,12 @@ def build_runner(cfg: DictConfig, output_dir: Path, export_dir: Path):
 
     register_all_modules(init_default_scope=True)
     import_modules_from_strings(CUSTOM_IMPORTS)  # registers EvalRunner, ExportHook, DeviceEvaluator, …
+    if cfg.engine.launcher == 'pytorch' and cfg.engine.dist_backend == 'gloo':
+        # mmengine's pytorch launcher selects a CUDA device first, which fails without one; a process group
+        # that already exists is used as it is
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend='gloo')
     runner = RUNNERS.build(build_config(cfg, output_dir, export_dir))
     if cfg.model.checkpoint:
         apply_state_dict(runner.model, load_state_dict(cfg.model.checkpoint, cfg.model.trust_checkpoint),
@@ -154,6 +161,8 @@ def run_test(runner) -> tuple[dict, float]:
 
 def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     """Evaluate inside `runner.test()`: metrics, the export report and the loop's seconds."""
+    from mmengine.dist import get_rank
+
     runner = build_runner(cfg, output_dir, export_dir)
     metrics, eval_s = run_test(runner)
-    return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s}
+    return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s, 'rank': get_rank()}
