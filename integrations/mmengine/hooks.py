@@ -1,9 +1,10 @@
-"""mmengine hooks: export the head-cut model and hand runtime sessions to the DeviceEvaluator, and a progress
-bar for the test loop. Usable from any mmyolo config:
+"""mmengine pieces: ExportHook (export the head-cut model and hand runtime sessions to the DeviceEvaluator),
+EvalRunner (a Runner for evaluation) and a progress bar for the test loop. Usable from any mmyolo config:
 
     custom_imports = dict(imports=['integrations.mmengine.hooks', 'evaluators.mmengine'])
     custom_hooks = [dict(type='ExportHook', family='yolov5', out_dir='work_dirs/export')]
     test_evaluator = dict(type='DeviceEvaluator', metrics=[dict(type='mmdet.CocoMetric', ann_file=...)])
+    runner_type = 'EvalRunner'  # optional; needed for distributed evaluation on CPU
 """
 from __future__ import annotations
 
