@@ -24,17 +24,17 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate
 
     from integrations import assets
+    from integrations.mmengine.hooks import image_pipeline
     from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models.yolov5 import build_decoder, cut_head
 
     cfg = load_model_config(assets.YOLOV5S_CONFIG)
     model = build_model(cfg, assets.CHECKPOINT)
     head = model.bbox_head
-    pipeline = Compose([s for s in cfg.test_pipeline if 'LoadAnnotations' not in s['type']])
+    pipeline = image_pipeline(cfg.test_pipeline)
     decoder = build_decoder(model, (3, 640, 640))
     cases = []
     for path in sorted(Path(args.images).glob('*.jpg'))[:args.num]:

@@ -37,8 +37,9 @@ def main() -> None:
     from integrations import assets
     from integrations.config import register_resolvers
     from integrations.export import RawMapGraph, export_onnx
-    from integrations.mmengine.hooks import loop_preprocessing
+    from integrations.mmengine.hooks import keep_float_names, loop_preprocessing
     from integrations.mmengine.runner import build_model, load_model_config
+    from integrations.models import get_family
     from integrations.models.yolov5 import cut_head
     from runtime import get_runtime
     from runtime.calibration import CalibrationReader, select_images
@@ -66,8 +67,7 @@ def main() -> None:
                 settings = precision['calibration']
                 paths, _ = select_images(settings['data'], settings['num_images'], settings['seed'], set(images))
                 calibration = CalibrationReader(paths, preprocess)
-            keep = [f'bbox_head.head_module.convs_pred.{i}' for i in range(3)] \
-                if precision.get('keep_raw_map_convs_float') else []
+            keep = keep_float_names(get_family('yolov5'), model, precision)
             sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out, calibration, keep))
 
         # passes interleaved across precisions, median pass per precision: drift of the machine (clock,

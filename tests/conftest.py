@@ -57,14 +57,12 @@ def yolov5s(assets):
 @pytest.fixture(scope='session')
 def make_batch(assets, yolov5s):
     """Real images through the config's own test pipeline and data preprocessor (fixed 640 letterbox)."""
-    from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate
 
+    from integrations.mmengine.hooks import image_pipeline
     from integrations.mmengine.runner import load_model_config
 
-    cfg = load_model_config(assets.YOLOV5S_CONFIG)
-    steps = [s for s in cfg.test_pipeline if 'LoadAnnotations' not in s['type']]
-    pipeline = Compose(steps)
+    pipeline = image_pipeline(load_model_config(assets.YOLOV5S_CONFIG).test_pipeline)
 
     def make(paths):
         data = [pipeline(dict(img_path=str(p), img_id=i)) for i, p in enumerate(paths)]

@@ -77,8 +77,7 @@ class ExportHook(Hook):
         reference = get_runtime(self.runtime_cfg['name'], precision={'name': self.reference}, **options) \
             if self.reference else None
         calibration, calibration_info = self._calibration(runner, model)
-        keep_float = [name for name, _ in _named(model, self.family.raw_map_modules(model))] \
-            if self.precision.get('keep_raw_map_convs_float') else []
+        keep_float = keep_float_names(self.family, model, self.precision)
 
         def build(out_dir: Path) -> None:
             build_artifacts(model, self.family, shape, out_dir, self.export_cfg, runtime, reference,
@@ -194,13 +193,18 @@ def state_digest(model) -> str:
     return h.hexdigest()[:24]
 
 
+def image_pipeline(steps):
+    """The test pipeline for images without annotations (calibration, benchmarks): LoadAnnotations left out."""
+    from mmcv.transforms import Compose
+
+    return Compose([step for step in steps if 'LoadAnnotations' not in step['type']])
+
+
 def loop_preprocessing(cfg, model):
     """path -> float32 NCHW batch of one, through the config's test pipeline and the model's preprocessor."""
-    from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate
 
-    pipeline = Compose([step for step in cfg.test_dataloader.dataset.pipeline
-                        if 'LoadAnnotations' not in step['type']])
+    pipeline = image_pipeline(cfg.test_dataloader.dataset.pipeline)
 
     def preprocess(path: Path):
         data = pipeline(dict(img_path=str(path), img_id=0))
@@ -210,9 +214,12 @@ def loop_preprocessing(cfg, model):
     return preprocess
 
 
-def _named(model, modules) -> list[tuple[str, torch.nn.Module]]:
+def keep_float_names(family, model, precision: dict) -> list[str]:
+    """Module names of the raw-map convs when the precision keeps them in float, else none."""
+    if not precision.get('keep_raw_map_convs_float'):
+        return []
     names = {id(m): n for n, m in model.named_modules()}
-    return [(names[id(m)], m) for m in modules]
+    return [names[id(m)] for m in family.raw_map_modules(model)]
 
 
 @RUNNERS.register_module()
