@@ -46,17 +46,24 @@ class DeviceInference:
         self.fidelity: dict | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='runtime')
 
-    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def _run(self, batch) -> list[np.ndarray]:
         start = time.perf_counter()
-        raw_maps = self.session.run(batch)
+        raw_maps = self.session.run_paths(batch) if self.reads_paths else self.session.run(batch)
         self.runtime_s += time.perf_counter() - start
         return raw_maps
 
-    def submit(self, inputs: torch.Tensor) -> Future:
-        return self.worker.submit(self._run, inputs.detach().cpu().numpy().astype(np.float32, copy=False))
+    @property
+    def reads_paths(self) -> bool:
+        """The session takes the original image files (it preprocesses on the device) instead of the batch."""
+        return getattr(self.session, 'reads', 'tensor') == 'paths'
+
+    def submit(self, inputs: torch.Tensor, metas: list[dict]) -> Future:
+        batch = [meta['img_path'] for meta in metas] if self.reads_paths else \
+            inputs.detach().cpu().numpy().astype(np.float32, copy=False)
+        return self.worker.submit(self._run, batch)
 
     def __call__(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
-        return self.finish(self.submit(inputs), metas, native_maps)
+        return self.finish(self.submit(inputs, metas), metas, native_maps)
 
     def finish(self, future: Future, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
         raw_maps = future.result()

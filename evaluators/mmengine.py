@@ -73,7 +73,8 @@ class DeviceEvaluator(Evaluator):
         if not self.paths:
             raise RuntimeError('DeviceEvaluator has no runtime: add ExportHook to custom_hooks')
         batch = self.preprocessor(data_batch, False)
-        futures = {name: inference.submit(batch['inputs']) for name, (inference, _) in self.paths.items()}
+        metas = [sample.metainfo for sample in batch['data_samples']]
+        futures = {name: inference.submit(batch['inputs'], metas) for name, (inference, _) in self.paths.items()}
         self.pending.append((futures, batch['data_samples'], self.taps.take(), data_batch))
         if self.compare_native:
             super().process(data_samples, data_batch)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from integrations.errors import UserError
 
 ENGINES = ('mmengine',)
+TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
 
 
 def check_dataset(img_dir: str, ann_file: str) -> int:
@@ -40,6 +41,16 @@ def check_inputs(cfg: DictConfig) -> int:
     for option in ('img_dir', 'ann_file'):
         if cfg.data.get(option) in (None, '???') or cfg.data._get_node(option)._is_missing():
             raise UserError(f'data.{option} is required for data={cfg.data.name}: add data.{option}=PATH')
+    missing = [key for key in cfg.runtime if cfg.runtime._get_node(key)._is_missing()]
+    if missing:
+        raise UserError(f'runtime.{missing[0]} is required for runtime={cfg.runtime.name}: '
+                        f'add runtime.{missing[0]}=… (see conf/runtime/{cfg.runtime.name}.yaml)')
+    if cfg.task in ('eval', 'bench', 'export'):  # the runtime's own checks (options, SDK, compiler) come first
+        from omegaconf import OmegaConf
+
+        from runtime import get_runtime
+        options = {k: v for k, v in OmegaConf.to_container(cfg.runtime, resolve=True).items() if k != 'name'}
+        get_runtime(cfg.runtime.name, precision=OmegaConf.to_container(cfg.precision, resolve=True), **options)
     num_images = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
     if cfg.eval.get('num_images'):
         num_images = min(num_images, cfg.eval.num_images)
@@ -78,11 +89,17 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     output_dir = Path(output_dir)
     if cfg.task == 'cache':
         return cache_task(cfg)
-    if cfg.task not in ('eval', 'bench'):
-        raise UserError(f'task={cfg.task}: choose eval, bench or cache')
+    if cfg.task not in TASKS:
+        raise UserError(f'task={cfg.task}: choose {", ".join(TASKS)}')
+    if cfg.task == 'export':
+        from omegaconf import open_dict
+        with open_dict(cfg):
+            cfg.cache.enabled = False  # the files go to <output_dir>/export, to be carried elsewhere
+            if 'compile' in cfg.runtime:
+                cfg.runtime.compile = False
     num_images = check_inputs(cfg)
-    if cfg.task == 'bench':
-        return bench_task(cfg, output_dir)
+    if cfg.task != 'eval':
+        return {'bench': bench_task, 'export': export_task, 'npz': npz_task}[cfg.task](cfg, output_dir)
 
     from integrations.mmengine.runner import test
 
@@ -140,6 +157,52 @@ def bench_task(cfg: DictConfig, output_dir: Path) -> dict:
               f"{result['replay']['images_per_s']:.1f} images/s end to end")
     print(f"bench.json: {output_dir / 'bench.json'}")
     return result
+
+
+def export_task(cfg: DictConfig, output_dir: Path) -> dict:
+    """Export and write the runtime's build files without running anything (runtime=vacc: model.onnx, vamc.yaml,
+    vdsp_params.json and the calibration images, to compile with vamc where the SDK is)."""
+    from integrations.mmengine.runner import build_runner, export_hook
+
+    export_dir = output_dir / 'export'
+    try:
+        runner = build_runner(cfg, output_dir, export_dir)
+        _, built, *_ = export_hook(runner).build(runner)
+    except BaseException:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        raise
+    files = {name: str(export_dir / file) for name, file in built['files'].items()
+             if (export_dir / file).exists() or name != 'runtime'}
+    result = {'export_dir': str(export_dir), 'files': files, 'io': built['io'],
+              'export_check': built['export_check'], 'precision': built['device']['info']}
+    write_json_atomic(output_dir / 'export.json', result)
+    for name, path in files.items():
+        print(f'{name:12s} {path}')
+    if cfg.runtime.name == 'vacc':
+        print(f'compile on a machine with vamc: cd {export_dir} && vamc compile vamc.yaml; then '
+              'python run.py runtime=vacc runtime.model_prefix=<that dir>/deploy_weights/<name>/mod')
+    return result
+
+
+def npz_task(cfg: DictConfig, output_dir: Path) -> dict:
+    """vamp's input: one npz per evaluated image (`input_0`, planar RGB uint8) and the datalist naming them."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from runtime.vacc import read_planar_rgb
+
+    images = json.loads(Path(cfg.data.ann_file).read_text())['images'][:cfg.eval.get('num_images') or None]
+    npz_dir = output_dir / 'npz'
+    npz_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for image in tqdm(images, desc='image -> npz', unit='image'):
+        target = npz_dir / f"{Path(image['file_name']).stem}.npz"
+        np.savez(target, input_0=read_planar_rgb(Path(cfg.data.img_dir) / image['file_name']))
+        lines.append(str(target.resolve()))
+    datalist = output_dir / 'npz_datalist.txt'
+    datalist.write_text('\n'.join(lines) + '\n')
+    print(f'{len(lines)} npz files in {npz_dir}; datalist {datalist}')
+    return {'npz_dir': str(npz_dir), 'datalist': str(datalist), 'num_images': len(lines)}
 
 
 def cache_task(cfg: DictConfig) -> dict:

@@ -31,6 +31,7 @@ def measure(sessions: list, prepare, batches: list, iterations: int) -> dict:
     counter = iter(range(iterations))
 
     def worker(session):
+        infer = session.run_paths if getattr(session, 'reads', 'tensor') == 'paths' else session.run
         while True:
             with lock:
                 i = next(counter, None)
@@ -39,7 +40,7 @@ def measure(sessions: list, prepare, batches: list, iterations: int) -> dict:
             start = time.perf_counter()
             batch = prepare(batches[i % len(batches)])
             call = time.perf_counter()
-            session.run(batch)
+            infer(batch)
             done = time.perf_counter()
             with lock:
                 model.append(done - call)
@@ -52,7 +53,7 @@ def measure(sessions: list, prepare, batches: list, iterations: int) -> dict:
     for t in threads:
         t.join()
     forward_s = time.perf_counter() - start
-    samples = iterations * batches[0].shape[0]
+    samples = iterations * len(batches[0])
     return {'samples': samples, 'forward_time_s': forward_s, 'throughput_qps': samples / forward_s,
             'e2e_latency_us': latency_stats(e2e), 'model_latency_us': latency_stats(model),
             'peak_memory_mb': peak_memory_mb()}
@@ -99,21 +100,30 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     model = runner.model
     dataset = runner.test_dataloader.dataset
     paths = [Path(dataset.get_data_info(i)['img_path']) for i in range(len(dataset))]
-    preprocess = loop_preprocessing(runner.cfg, model)
-    images = [preprocess(p) for p in tqdm(paths, desc='preprocessing', unit='image')]
     inference = runner.test_loop.evaluator.paths['device'][0]
+    if inference.reads_paths:  # the runtime preprocesses on the device: requests are image files
+        images, prepare = [[str(p)] for p in paths], list
+
+        def stack(parts: list[list[str]]) -> list[str]:
+            return [path for part in parts for path in part]
+    else:
+        preprocess = loop_preprocessing(runner.cfg, model)
+        images = [preprocess(p) for p in tqdm(paths, desc='preprocessing', unit='image')]
+        prepare, stack = np.ascontiguousarray, np.concatenate
     options = {k: v for k, v in cfg.runtime.items() if k != 'name'}
     runtime = get_runtime(cfg.runtime.name, precision=dict(cfg.precision), **options)
-    artifact = Artifact(Path(hook.report['artifacts']['runtime']))
+    built = hook.report
+    artifact = Artifact(Path(built['artifacts']['runtime']), built['precision'],
+                        Path(built['artifacts']['onnx']).parent)
     settings = ([{'batch_size': 1, 'instances': 1}] if bench.scenario == 'single_stream' else
                 [{'batch_size': b, 'instances': i} for b in bench.batch_sizes for i in bench.instances])
     blocks = []
     for setting in tqdm(settings, desc='bench settings', unit='setting'):
         b = setting['batch_size']
-        batches = [np.concatenate([images[(j + k) % len(images)] for k in range(b)]) for j in range(len(images))]
+        batches = [stack([images[(j + k) % len(images)] for k in range(b)]) for j in range(len(images))]
         sessions = [runtime.load(artifact) for _ in range(setting['instances'])]
-        measure(sessions, np.ascontiguousarray, batches, bench.warmup)
-        figures = measure(sessions, np.ascontiguousarray, batches, bench.iterations)
+        measure(sessions, prepare, batches, bench.warmup)
+        figures = measure(sessions, prepare, batches, bench.iterations)
         blocks.append({**setting, **figures})
         print(vamp_block(setting, figures), flush=True)
 
@@ -142,7 +152,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
         result['single_stream_p90_latency_us'] = bare['e2e_latency_us']['p90']
 
     if bench.replay_latency_ms is not None:
-        recorded = [inference.session.run(image) for image in images]
+        run = inference.session.run_paths if inference.reads_paths else inference.session.run
+        recorded = [run(image) for image in images]
         replay = ReplaySession(recorded, float(bench.replay_latency_ms))
         runner.test_loop.evaluator.paths['device'] = (type(inference)(replay, inference.decoder),
                                                       runner.test_loop.evaluator.paths['device'][1])

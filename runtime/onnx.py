@@ -79,8 +79,10 @@ class Runtime:
         import onnxruntime
         return onnxruntime.__version__
 
-    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float: list[str] = ()) -> Artifact:
-        """The model file to run: the export itself (fp32), an fp16 copy, or a statically quantized copy."""
+    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float: list[str] = (),
+              preprocessing=None, shape=None) -> Artifact:
+        """The model file to run: the export itself (fp32), an fp16 copy, or a statically quantized copy.
+        (`preprocessing` and `shape` are for runtimes that preprocess on the device; ORT runs on the host's.)"""
         import onnx
 
         name = self.precision['name']

@@ -75,7 +75,8 @@ def _mismatched_checkpoint(tmp_path):
     return path
 
 
-@pytest.mark.parametrize('case', ['img_dir', 'ann_file', 'checkpoint', 'unreadable', 'mismatch', 'coco_no_paths'])
+@pytest.mark.parametrize('case', ['img_dir', 'ann_file', 'checkpoint', 'unreadable', 'mismatch', 'coco_no_paths',
+                                  'vacc_without_sdk', 'npz_without_outputs'])
 def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
     run_dir = tmp_path / 'run'
     args = {
@@ -85,11 +86,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
         'unreadable': lambda: [f'data.img_dir={_corrupt_demo(tmp_path)}'],
         'mismatch': lambda: [f'model.checkpoint={_mismatched_checkpoint(tmp_path)}'],
         'coco_no_paths': ['data=coco'],
+        'vacc_without_sdk': ['runtime=vacc', 'precision=int8'],
+        'npz_without_outputs': ['runtime=npz'],
     }[case]
     args = args() if callable(args) else args
     proc = run_cli(*args, f'hydra.run.dir={run_dir}')
     expected = {'img_dir': 'data.img_dir', 'ann_file': 'data.ann_file', 'checkpoint': 'model.checkpoint',
-                'unreadable': 'zidane.jpg', 'mismatch': 'missing keys', 'coco_no_paths': 'data.img_dir'}[case]
+                'unreadable': 'zidane.jpg', 'mismatch': 'missing keys', 'coco_no_paths': 'data.img_dir',
+                'vacc_without_sdk': 'vaststreamx', 'npz_without_outputs': 'runtime.output_dir'}[case]
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]

@@ -22,7 +22,7 @@ class _SlowSession:
 
 def test_submitted_batches_finish_in_order_with_their_own_results():
     inference = DeviceInference(_SlowSession(), decoder=lambda maps, metas: [float(maps[0][0, 0])])
-    futures = [inference.submit(torch.full((1, 3, 2, 2), float(i))) for i in range(20)]
+    futures = [inference.submit(torch.full((1, 3, 2, 2), float(i)), [{}]) for i in range(20)]
     assert [inference.finish(f, [{}])[0] for f in futures] == [float(i) for i in range(20)]
     assert inference.runtime_s > 0
 

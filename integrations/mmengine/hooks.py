@@ -70,37 +70,12 @@ class ExportHook(Hook):
 
     def before_test(self, runner) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        model.eval()
-        shape = self.family.input_shape(runner.cfg)
-        options = {k: v for k, v in self.runtime_cfg.items() if k != 'name'}
-        runtime = get_runtime(self.runtime_cfg['name'], precision=self.precision, **options)
-        reference = get_runtime(self.runtime_cfg['name'], precision={'name': self.reference}, **options) \
-            if self.reference else None
-        calibration, calibration_info = self._calibration(runner, model)
-        keep_float = keep_float_names(self.family, model, self.precision)
-
-        def build(out_dir: Path) -> None:
-            build_artifacts(model, self.family, shape, out_dir, self.export_cfg, runtime, reference,
-                            calibration, keep_float)
-
-        if self.cache is None:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
-            self.out_dir.mkdir(parents=True)
-            build(self.out_dir)
-            entry, cache_state = self.out_dir, 'off'
-        else:
-            key = content_key(self._key_parts(runner, model, shape, runtime, calibration_info, keep_float))
-            entry, hit = self.cache.get_or_build(key, build, describe={
-                'model': self.family_name, 'config': runner.cfg.filename, 'shape': shape,
-                'runtime': self.runtime_cfg['name'], 'precision': self.precision['name'],
-                'reference': self.reference})
-            cache_state = 'hit' if hit else 'miss'
-        built = json.loads((entry / BUILD_REPORT).read_text())
+        entry, built, cache_state, runtime, reference = self.build(runner)
         timings = built['timings'] if cache_state != 'hit' else {'export_s': 0.0, 'build_s': 0.0}
-
-        sessions = {'device': runtime.load(Artifact(entry / built['device']['file'], built['device']['info']))}
+        sessions = {'device': runtime.load(Artifact(entry / built['device']['file'], built['device']['info'], entry))}
         if reference:
-            sessions['reference'] = reference.load(Artifact(entry / built['reference']['file']))
+            sessions['reference'] = reference.load(Artifact(entry / built['reference']['file'], root=entry))
+        shape = self.family.input_shape(runner.cfg)
         taps = self.family.raw_map_modules(model) if self.compare_native else []
         runner.test_loop.evaluator.attach(sessions=sessions, decoder=self.family.build_decoder(model, shape),
                                           preprocessor=model.data_preprocessor, taps=taps)
@@ -110,8 +85,40 @@ class ExportHook(Hook):
         artifacts = {name: str(entry / file) for name, file in built['files'].items()}
         self.report = {'input_shape': [*shape], 'io': built['io'], 'export_check': built['export_check'],
                        'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
-                       'precision': {**built['device']['info'], **calibration_info},
+                       'precision': {**built['device']['info'], **self.calibration_info},
                        'runtime_version': runtime.version()}
+
+    def build(self, runner) -> tuple[Path, dict, str, object, object]:
+        """Export and build (or find them in the cache): the entry directory, its build report, the cache state
+        ('off', 'hit', 'miss') and the device and reference runtimes."""
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model.eval()
+        shape = self.family.input_shape(runner.cfg)
+        options = {k: v for k, v in self.runtime_cfg.items() if k != 'name'}
+        runtime = get_runtime(self.runtime_cfg['name'], precision=self.precision, **options)
+        reference = get_runtime(self.runtime_cfg['name'], precision={'name': self.reference}, **options) \
+            if self.reference else None
+        calibration, self.calibration_info = self._calibration(runner, model)
+        keep_float = keep_float_names(self.family, model, self.precision)
+        preprocessing = self.family.device_preprocessing(runner.cfg)
+
+        def build(out_dir: Path) -> None:
+            build_artifacts(model, self.family, shape, out_dir, self.export_cfg, runtime, reference,
+                            calibration, keep_float, preprocessing)
+
+        if self.cache is None:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            self.out_dir.mkdir(parents=True)
+            build(self.out_dir)
+            entry, cache_state = self.out_dir, 'off'
+        else:
+            key = content_key(self._key_parts(runner, model, shape, runtime, self.calibration_info, keep_float))
+            entry, hit = self.cache.get_or_build(key, build, describe={
+                'model': self.family_name, 'config': runner.cfg.filename, 'shape': shape,
+                'runtime': self.runtime_cfg['name'], 'precision': self.precision['name'],
+                'reference': self.reference})
+            cache_state = 'hit' if hit else 'miss'
+        return entry, json.loads((entry / BUILD_REPORT).read_text()), cache_state, runtime, reference
 
     def _key_parts(self, runner, model, shape, runtime, calibration_info, keep_float) -> dict:
         """Everything that shapes the artifacts, and nothing that only shapes the evaluation (thresholds)."""
@@ -147,11 +154,11 @@ class ExportHook(Hook):
 
 
 BUILD_REPORT = 'build.json'
-BUILD_FORMAT = 1  # bump when what build_artifacts writes changes
+BUILD_FORMAT = 2  # bump when what build_artifacts writes changes
 
 
 def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runtime, reference, calibration,
-                    keep_float) -> None:
+                    keep_float, preprocessing) -> None:
     """Export (checked against PyTorch) and build into `out_dir`, and describe it in build.json with paths
     relative to `out_dir`, so the directory can move (the cache renames it into place)."""
     onnx_path = out_dir / 'model.onnx'
@@ -174,14 +181,26 @@ def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runti
     export_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    artifact = runtime.build(onnx_path, out_dir, calibration=calibration, keep_float=keep_float)
-    built = {'device': {'file': artifact.path.name, 'info': artifact.info}}
-    files['runtime'] = artifact.path.name
+    artifact = runtime.build(onnx_path, out_dir, calibration=calibration, keep_float=keep_float,
+                             preprocessing=preprocessing, shape=shape)
+    built = {'device': {'file': _relative(artifact.path, out_dir), 'info': artifact.info}}
+    files['runtime'] = built['device']['file']
+    files.update(artifact.files)
     if reference:
-        built['reference'] = {'file': reference.build(onnx_path, out_dir).path.name}
+        reference_artifact = reference.build(onnx_path, out_dir, preprocessing=preprocessing, shape=shape)
+        built['reference'] = {'file': _relative(reference_artifact.path, out_dir)}
     report = {**built, 'io': io_spec, 'export_check': export_check, 'files': files,
               'timings': {'export_s': export_s, 'build_s': time.perf_counter() - start}}
     (out_dir / BUILD_REPORT).write_text(json.dumps(report, indent=1))
+
+
+def _relative(path: Path, out_dir: Path) -> str:
+    """A built file's path relative to the build directory (which moves into the cache), or absolute when the
+    runtime uses something outside it (a given compiled model)."""
+    try:
+        return str(path.resolve().relative_to(out_dir.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def state_digest(model) -> str:

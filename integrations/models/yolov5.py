@@ -28,6 +28,18 @@ def input_shape(mm_cfg) -> tuple[int, int, int]:
     return 3, height, width
 
 
+def device_preprocessing(mm_cfg) -> dict:
+    """What a device that preprocesses itself (VACC's VDSP op, vamc's calibration) must do to an RGB image to
+    give the exported input: the test pipeline's fixed letterbox and the data preprocessor's mean/std."""
+    _, height, width = input_shape(mm_cfg)
+    letterbox = next(step for step in mm_cfg.test_dataloader.dataset.pipeline if step['type'] == 'LetterResize')
+    pad = letterbox.get('pad_val', {}).get('img', 0)
+    preprocessor = mm_cfg.model.data_preprocessor
+    return {'model_name': 'mmyolo_yolov5', 'kind': 'letterbox', 'height': height, 'width': width,
+            'pad': pad if isinstance(pad, (int, float)) else pad[0],
+            'mean': list(preprocessor.mean), 'std': list(preprocessor.std)}
+
+
 def raw_map_modules(model) -> list:
     """Modules whose outputs are the raw maps: the head's final 1x1 convs, one per level."""
     return list(model.bbox_head.head_module.convs_pred)
