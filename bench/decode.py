@@ -34,7 +34,7 @@ def main() -> None:
     cfg = load_model_config(assets.YOLOV5S_CONFIG)
     model = build_model(cfg, assets.CHECKPOINT)
     head = model.bbox_head
-    pipeline = image_pipeline(cfg.test_pipeline)
+    pipeline = image_pipeline(cfg)
     decoder = build_decoder(model, (3, 640, 640))
     cases = []
     for path in sorted(Path(args.images).glob('*.jpg'))[:args.num]:

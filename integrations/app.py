@@ -116,6 +116,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
         'precision': cfg.precision.name, 'engine': cfg.engine.name, 'num_images': num_images,
         'config': cfg.model.config, 'checkpoint': cfg.model.checkpoint,
+        'weights': 'checkpoint' if cfg.model.checkpoint else
+                   f"random (init_seed {cfg.model.get('init_seed')}): detections and mAP are meaningless",
         'input_shape': report['input_shape'],
         'shape_note': 'fixed-shape letterbox for native and device (the config\'s batch_shapes_cfg is off)',
         'device': device, 'native': native, 'reference': reference,
@@ -230,7 +232,8 @@ def format_comparison(results: dict) -> str:
         columns[f"{results['runtime']} {results['delta']['reference']}"] = results['reference']
     if results['native']:
         columns['native'] = results['native']
-    lines = [f"{'metric':<14}" + ''.join(f'{name:>14}' for name in columns)]
+    lines = [] if results['weights'] == 'checkpoint' else [f"weights: {results['weights']}"]
+    lines.append(f"{'metric':<14}" + ''.join(f'{name:>14}' for name in columns))
     for key in results['device']:
         lines.append(f'{key:<14}' + ''.join(f'{block[key]:>14.4f}' for block in columns.values()))
     if results['fidelity']:

@@ -67,7 +67,10 @@ def load_state_dict(path: str | Path, trusted: bool = False) -> dict:
 
 
 def apply_state_dict(model, state_dict: dict, source: str) -> None:
-    """Load strictly; on mismatch, one line listing missing and unexpected keys (and shape mismatches)."""
+    """Load strictly (after the model's own `adapt_state_dict`, if it has one, renames keys of older releases);
+    on mismatch, one line listing missing and unexpected keys (and shape mismatches)."""
+    if hasattr(model, 'adapt_state_dict'):
+        state_dict = model.adapt_state_dict(state_dict)
     own = model.state_dict()
     wrong_shape = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     missing = [k for k in own if k not in state_dict]

@@ -62,7 +62,7 @@ def make_batch(assets, yolov5s):
     from integrations.mmengine.hooks import image_pipeline
     from integrations.mmengine.runner import load_model_config
 
-    pipeline = image_pipeline(load_model_config(assets.YOLOV5S_CONFIG).test_pipeline)
+    pipeline = image_pipeline(load_model_config(assets.YOLOV5S_CONFIG))
 
     def make(paths):
         data = [pipeline(dict(img_path=str(p), img_id=i)) for i, p in enumerate(paths)]

@@ -212,18 +212,22 @@ def state_digest(model) -> str:
     return h.hexdigest()[:24]
 
 
-def image_pipeline(steps):
-    """The test pipeline for images without annotations (calibration, benchmarks): LoadAnnotations left out."""
+def image_pipeline(cfg):
+    """The config's test pipeline for images without annotations (calibration, benchmarks): LoadAnnotations left
+    out; its transforms looked up in the config's default scope (mmyolo, mmdet)."""
     from mmcv.transforms import Compose
+    from mmengine.registry import DefaultScope
 
-    return Compose([step for step in steps if 'LoadAnnotations' not in step['type']])
+    steps = cfg.test_dataloader.dataset.pipeline
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmyolo')):
+        return Compose([step for step in steps if 'LoadAnnotations' not in step['type']])
 
 
 def loop_preprocessing(cfg, model):
     """path -> float32 NCHW batch of one, through the config's test pipeline and the model's preprocessor."""
     from mmengine.dataset import pseudo_collate
 
-    pipeline = image_pipeline(cfg.test_dataloader.dataset.pipeline)
+    pipeline = image_pipeline(cfg)
 
     def preprocess(path: Path):
         data = pipeline(dict(img_path=str(path), img_id=0))

@@ -32,14 +32,16 @@ def load_model_config(config: str):
 
 
 def build_model(mm_cfg, checkpoint: str | Path | None = None):
-    """The detector of an mmyolo/mmdet config in eval mode, with a checkpoint loaded safely if given."""
-    from mmyolo.registry import MODELS
+    """The detector of an mmyolo/mmdet config (in the config's default scope) in eval mode, with a checkpoint
+    loaded safely if given."""
+    from mmengine.registry import MODELS, DefaultScope
     from mmyolo.utils import register_all_modules
 
     from integrations.checkpoint import apply_state_dict, load_state_dict
 
-    register_all_modules()
-    model = MODELS.build(mm_cfg.model)
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope(mm_cfg.get('default_scope', 'mmyolo')):
+        model = MODELS.build(mm_cfg.model)
     if checkpoint:
         apply_state_dict(model, load_state_dict(checkpoint), str(checkpoint))
     return model.eval()
@@ -75,6 +77,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     if cfg.eval.get('num_images'):  # the first N images, for the dataset and the metric alike
         dataset.ann_file = str(first_images(Path(dataset.ann_file), cfg.eval.num_images, output_dir))
     family.prepare_config(mm_cfg, cfg.eval)
+    if cfg.model.get('init_seed') is not None and not cfg.model.checkpoint:
+        mm_cfg.model.init_seed = cfg.model.init_seed  # random weights, reproducibly
 
     metrics = mm_cfg.test_evaluator
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
@@ -96,7 +100,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
                                 compare_native=cfg.eval.compare_native,
                                 cache_dir=cfg.cache.dir if cfg.cache.enabled else None),
                            dict(type='ProgressBarHook')]
-    mm_cfg.custom_imports = dict(imports=CUSTOM_IMPORTS, allow_failed_imports=False)
+    own_imports = mm_cfg.get('custom_imports', {}).get('imports', [])
+    mm_cfg.custom_imports = dict(imports=[*own_imports, *CUSTOM_IMPORTS], allow_failed_imports=False)
     mm_cfg.runner_type = 'EvalRunner'
     mm_cfg.default_hooks.logger.interval = 10 ** 9  # the progress bar replaces per-iteration log lines
     mm_cfg.default_hooks.pop('visualization', None)

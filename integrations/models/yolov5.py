@@ -11,15 +11,19 @@ def prepare_config(mm_cfg, eval_cfg) -> None:
 
     The config's `batch_shapes_cfg` letterboxes each batch to its own rectangle, which a static export cannot
     follow, so it is switched off: native and device then both see the fixed `img_scale` letterbox. The
-    post-processing thresholds come from `eval` so native and device decode alike.
+    post-processing thresholds set in `eval` replace the config's, so native and device decode alike.
     """
     dataset = mm_cfg.test_dataloader.dataset
     dataset.batch_shapes_cfg = None
     test_cfg = mm_cfg.model.test_cfg
-    test_cfg.score_thr = eval_cfg.score_thr
-    test_cfg.nms = dict(type='nms', iou_threshold=eval_cfg.nms_iou)
-    test_cfg.max_per_img = eval_cfg.max_per_img
-    test_cfg.nms_pre = eval_cfg.nms_pre
+    if eval_cfg.get('score_thr') is not None:
+        test_cfg.score_thr = eval_cfg.score_thr
+    if eval_cfg.get('nms_iou') is not None:
+        test_cfg.nms = {'type': 'nms', 'iou_threshold': eval_cfg.nms_iou}
+    if eval_cfg.get('max_per_img') is not None:
+        test_cfg.max_per_img = eval_cfg.max_per_img
+    if eval_cfg.get('nms_pre') is not None:
+        test_cfg.nms_pre = eval_cfg.nms_pre
 
 
 def input_shape(mm_cfg) -> tuple[int, int, int]:

@@ -1,0 +1,207 @@
+"""MLCommons RetinaNet (ResNeXt50-32x4d FPN, 264 OpenImages-MLPerf classes, 800x800) from torchvision's parts,
+as an mmdet detector that mmengine's runner can test; and the family functions (head cut, decoder, …)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from mmdet.models.detectors.base import BaseDetector
+from mmdet.registry import MODELS
+from mmengine.structures import InstanceData
+
+OUTPUT_PREFIX = 'raw_map'
+ANCHOR_BASES = (32, 64, 128, 256, 512)
+
+
+@MODELS.register_module()
+class MLPerfRetinaNet(BaseDetector):
+    """The MLPerf inference reference's `retinanet_resnext50_32x4d_fpn`: torchvision's resnext50_32x4d with
+    FrozenBatchNorm, an FPN over layers 2-4 with P6/P7 from P5, 9 anchors per cell (sizes x, x*2^(1/3),
+    x*2^(2/3) for x = 32..512, ratios 0.5/1/2), 4-conv heads and BoxCoder weights (1, 1, 1, 1).
+
+    The submodules carry the reference's names (`backbone.body.*`, `backbone.fpn.*`, `head.*`), so an MLCommons
+    checkpoint's state dict loads as it is. Input normalization belongs to the data preprocessor and the resize
+    to the pipeline (MLPerf's: RGB, bilinear to 800x800, /255, ImageNet mean/std); the native predictions go
+    through torchvision's own `RetinaNet.postprocess_detections`.
+
+    Args:
+        num_classes: 264 for OpenImages-MLPerf.
+        image_size: (height, width) the model runs at.
+        test_cfg: score_thresh, nms_thresh, detections_per_img, topk_candidates (the reference's 0.05, 0.5,
+            300, 1000 by default).
+        init_seed: the seed of the random initialization (used when no checkpoint is loaded).
+    """
+
+    def __init__(self, num_classes: int = 264, image_size=(800, 800), test_cfg: dict | None = None,
+                 init_seed: int = 0, data_preprocessor=None, init_cfg=None):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        from torchvision.models import resnext50_32x4d
+        from torchvision.models.detection import _utils as det_utils
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+        from torchvision.models.detection.retinanet import RetinaNetHead
+        from torchvision.ops import FrozenBatchNorm2d
+        from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+        self.num_classes = num_classes
+        self.image_size = tuple(image_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(init_seed)
+            body = resnext50_32x4d(weights=None, norm_layer=FrozenBatchNorm2d)
+            self.backbone = _resnet_fpn_extractor(body, trainable_layers=3, returned_layers=[2, 3, 4],
+                                                  extra_blocks=LastLevelP6P7(256, 256))
+            sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in ANCHOR_BASES)
+            self.anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+            self.head = RetinaNetHead(256, self.anchor_generator.num_anchors_per_location()[0], num_classes)
+        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        # what torchvision's RetinaNet.postprocess_detections reads from its `self`
+        cfg = {'score_thresh': 0.05, 'nms_thresh': 0.5, 'detections_per_img': 300, 'topk_candidates': 1000,
+               **(test_cfg or {})}
+        self.score_thresh = cfg['score_thresh']
+        self.nms_thresh = cfg['nms_thresh']
+        self.detections_per_img = cfg['detections_per_img']
+        self.topk_candidates = cfg['topk_candidates']
+        self.raw_maps = False  # cut_head sets it: _forward then returns the 10 raw maps
+
+    @staticmethod
+    def adapt_state_dict(state_dict: dict) -> dict:
+        """MLCommons checkpoints hold torchvision's v1 head names (conv.0, conv.2, …); torchvision's own converter
+        renames them to the current ones (conv.0.0, conv.1.0, …)."""
+        from torchvision.models.detection.retinanet import _v1_to_v2_weights
+
+        state_dict = dict(state_dict)
+        for prefix in ('head.classification_head.', 'head.regression_head.'):
+            _v1_to_v2_weights(state_dict, prefix)
+        return state_dict
+
+    def extract_feat(self, batch_inputs: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.backbone(batch_inputs).values())
+
+    def _forward(self, batch_inputs: torch.Tensor, batch_data_samples=None):
+        features = self.extract_feat(batch_inputs)
+        if not self.raw_maps:
+            return self.head(features)
+        cls_head, reg_head = self.head.classification_head, self.head.regression_head
+        return (*(cls_head.cls_logits(cls_head.conv(f)) for f in features),
+                *(reg_head.bbox_reg(reg_head.conv(f)) for f in features))
+
+    def predict(self, batch_inputs: torch.Tensor, batch_data_samples, rescale: bool = True):
+        features = self.extract_feat(batch_inputs)
+        head_outputs = self.head(features)
+        anchors = level_anchors(self, [f.shape[-2:] for f in features], batch_inputs.shape[-2:])
+        metas = [sample.metainfo for sample in batch_data_samples]
+        detections = postprocess(self, head_outputs, anchors, tuple(batch_inputs.shape[-2:]), metas)
+        return self.add_pred_to_datasample(batch_data_samples, [InstanceData(**d) for d in detections])
+
+    def loss(self, batch_inputs, batch_data_samples):
+        raise NotImplementedError('MLPerfRetinaNet is wrapped for evaluation; train with the MLCommons reference')
+
+
+def level_anchors(model, grid_sizes, image_size) -> list[torch.Tensor]:
+    """torchvision's anchors for one image, split per level ((H*W*A, 4) each, in (h, w, anchor) order); strides
+    are the reference's image_size // grid."""
+    from torchvision.models.detection.image_list import ImageList
+
+    height, width = (int(s) for s in image_size)
+    images = ImageList(torch.empty(1, 3, height, width), [(height, width)])
+    features = [torch.empty(1, 1, int(h), int(w)) for h, w in grid_sizes]
+    anchors = model.anchor_generator(images, features)[0]
+    per_level = [int(h) * int(w) * model.anchor_generator.num_anchors_per_location()[0] for h, w in grid_sizes]
+    return list(anchors.split(per_level))
+
+
+def postprocess(model, head_outputs: dict, anchors: list[torch.Tensor], image_size: tuple, metas: list[dict]):
+    """torchvision's RetinaNet.postprocess_detections on (N, HWA, K)/(N, HWA, 4) head outputs, then the boxes
+    scaled back to each original image (the pipeline's scale_factor)."""
+    from torchvision.models.detection import RetinaNet
+
+    per_level = [len(a) for a in anchors]
+    split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+    detections = RetinaNet.postprocess_detections(model, split, [anchors] * len(metas), [image_size] * len(metas))
+    results = []
+    for det, meta in zip(detections, metas):
+        boxes = det['boxes'] / det['boxes'].new_tensor(meta['scale_factor']).repeat(2)
+        results.append({'bboxes': boxes, 'scores': det['scores'], 'labels': det['labels']})
+    return results
+
+
+def flatten_maps(maps: list[torch.Tensor], channels: int) -> torch.Tensor:
+    """Raw maps (N, A*C, H, W) per level -> (N, sum H*W*A, C), the layout torchvision's head returns."""
+    out = []
+    for m in maps:
+        n, _, h, w = m.shape
+        out.append(m.view(n, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, channels))
+    return torch.cat(out, dim=1)
+
+
+class RetinaNetDecoder:
+    """Raw maps (5 classification, then 5 regression) -> per-image detections in original-image pixels, by the
+    reference's own post-processing (score 0.05, top-1000 per level, box decoding and clipping, batched NMS 0.5,
+    300 per image — the model's test_cfg)."""
+
+    def __init__(self, model, shape: tuple[int, int, int]):
+        self.model = model
+        self.image_size = tuple(shape[1:])
+        self.levels = len(ANCHOR_BASES)
+        self.anchors = level_anchors(model, grid_sizes(self.image_size, self.levels), self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, raw_maps: list[torch.Tensor], metas: list[dict]) -> list[dict[str, torch.Tensor]]:
+        head_outputs = {'cls_logits': flatten_maps(raw_maps[:self.levels], self.model.num_classes),
+                        'bbox_regression': flatten_maps(raw_maps[self.levels:], 4)}
+        return postprocess(self.model, head_outputs, self.anchors, self.image_size, metas)
+
+
+def grid_sizes(image_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    """Feature map sizes of P3..P7: every stride-2 stage rounds up (stem, pool, layers 2-4, P6, P7)."""
+    def halve(n: int, times: int) -> int:
+        for _ in range(times):
+            n = (n + 1) // 2
+        return n
+    return [(halve(image_size[0], 3 + i), halve(image_size[1], 3 + i)) for i in range(levels)]
+
+
+# ---- family interface (see integrations/models/__init__.py)
+
+def prepare_config(mm_cfg, eval_cfg) -> None:
+    """The eval thresholds that are set replace the reference's post-processing settings."""
+    from integrations.models.openimages_mlperf import CLASSES
+
+    mm_cfg.test_dataloader.dataset.metainfo = {'classes': CLASSES}
+    test_cfg = mm_cfg.model.setdefault('test_cfg', {})
+    for option, key in (('score_thr', 'score_thresh'), ('nms_iou', 'nms_thresh'),
+                        ('max_per_img', 'detections_per_img'), ('nms_pre', 'topk_candidates')):
+        if eval_cfg.get(option) is not None:
+            test_cfg[key] = eval_cfg[option]
+
+
+def input_shape(mm_cfg) -> tuple[int, int, int]:
+    height, width = mm_cfg.model.image_size
+    return 3, height, width
+
+
+def device_preprocessing(mm_cfg) -> dict:
+    """MLPerf's preprocessing for a device that does it itself: plain resize, ImageNet mean/std."""
+    _, height, width = input_shape(mm_cfg)
+    preprocessor = mm_cfg.model.data_preprocessor
+    return {'model_name': 'mlcommons_retinanet', 'kind': 'resize', 'height': height, 'width': width,
+            'mean': list(preprocessor.mean), 'std': list(preprocessor.std)}
+
+
+def raw_map_modules(model) -> list:
+    """The final convs of the two heads; each runs once per level, classification levels first."""
+    return [model.head.classification_head.cls_logits, model.head.regression_head.bbox_reg]
+
+
+@contextmanager
+def cut_head(model):
+    """Make `model._forward(x)` return the 10 raw maps: (N, 9*264, H, W) x 5, then (N, 9*4, H, W) x 5."""
+    model.raw_maps = True
+    try:
+        yield
+    finally:
+        model.raw_maps = False
+
+
+def build_decoder(model, shape: tuple[int, int, int]) -> RetinaNetDecoder:
+    return RetinaNetDecoder(model, shape)
