@@ -27,7 +27,7 @@ def main() -> None:
     from mmengine.dataset import pseudo_collate
 
     from integrations import assets
-    from integrations.mmengine.hooks import image_pipeline
+    from integrations.deploy import image_pipeline
     from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models.yolov5 import build_decoder, cut_head
 

@@ -36,8 +36,8 @@ def main() -> None:
 
     from integrations import assets
     from integrations.config import register_resolvers
+    from integrations.deploy import keep_float_names, loop_preprocessing
     from integrations.export import RawMapGraph, export_onnx
-    from integrations.mmengine.hooks import keep_float_names, loop_preprocessing
     from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models import get_family
     from integrations.models.yolov5 import cut_head

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from integrations.errors import UserError
 
-ENGINES = ('mmengine',)
+ENGINES = ('mmengine', 'lightning')
 TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
 
 
@@ -101,8 +101,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     if cfg.task != 'eval':
         return {'bench': bench_task, 'export': export_task, 'npz': npz_task}[cfg.task](cfg, output_dir)
 
-    from integrations.mmengine.runner import test
+    from importlib import import_module
 
+    test = import_module(f'integrations.{cfg.engine.name}.runner').test
     export_dir = output_dir / 'export'
     output_dir.mkdir(parents=True, exist_ok=True)
     try:

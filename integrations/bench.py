@@ -89,8 +89,13 @@ class ReplaySession:
 def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     from tqdm import tqdm
 
-    from integrations.mmengine.hooks import loop_preprocessing
-    from integrations.mmengine.runner import build_runner, export_hook, loop_seconds, run_test
+    from integrations.deploy import loop_preprocessing
+    from integrations.mmengine.runner import (
+        build_runner,
+        export_hook,
+        loop_seconds,
+        run_test,
+    )
     from runtime import Artifact, get_runtime
 
     bench = cfg.bench

@@ -98,8 +98,13 @@ class Runtime:
 
     def _quantize(self, onnx_path: Path, out_dir: Path, calibration, keep_float: list[str]) -> Artifact:
         import onnx
-        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
 
         if calibration is None:
             raise ValueError('int8 needs a calibration reader')
@@ -132,7 +137,10 @@ class Runtime:
         calibration cache that quantize_static reads (also a reusable artifact)."""
         import tempfile
 
-        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+        from onnxruntime.quantization.calibrate import (
+            create_calibrator,
+            save_tensors_data,
+        )
 
         options = {'symmetric': symmetric, 'percentile': float(self.precision['calibration']['percentile']),
                    'num_bins': ENTROPY_BINS if method.name == 'Entropy' else 2048}

@@ -59,7 +59,7 @@ def make_batch(assets, yolov5s):
     """Real images through the config's own test pipeline and data preprocessor (fixed 640 letterbox)."""
     from mmengine.dataset import pseudo_collate
 
-    from integrations.mmengine.hooks import image_pipeline
+    from integrations.deploy import image_pipeline
     from integrations.mmengine.runner import load_model_config
 
     pipeline = image_pipeline(load_model_config(assets.YOLOV5S_CONFIG))

@@ -1,9 +1,9 @@
 """End to end, as a user runs it: `python run.py …` on the demo set and on real COCO images."""
 import json
-from pathlib import Path
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 

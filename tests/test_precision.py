@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from integrations.app import run
+from integrations.deploy import loop_preprocessing
 from integrations.errors import UserError
 from integrations.export import RawMapGraph, compare_maps, export_onnx
-from integrations.mmengine.hooks import loop_preprocessing
 from integrations.models.yolov5 import cut_head
 from runtime import get_runtime
 from runtime.calibration import CalibrationReader

@@ -98,8 +98,8 @@ def test_device_detections_equal_native_at_800(model, mm_cfg, tmp_path):
     plus the host decode gives the native model's detections."""
     from mmengine.dataset import pseudo_collate
 
+    from integrations.deploy import image_pipeline
     from integrations.export import RawMapGraph, export_onnx
-    from integrations.mmengine.hooks import image_pipeline
     from integrations.models.retinanet import RetinaNetDecoder, cut_head
     from runtime.onnx import OrtSession
 

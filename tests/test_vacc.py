@@ -96,7 +96,7 @@ def test_emulated_vdsp_letterbox_matches_host_preprocessing(assets, yolov5s):
         from vaststreamx.vdsp import FusionOp
     finally:
         sys.path.remove(str(EMULATION))
-    from integrations.mmengine.hooks import loop_preprocessing
+    from integrations.deploy import loop_preprocessing
     from integrations.mmengine.runner import load_model_config
     from integrations.models import yolov5
     from runtime.vacc import read_planar_rgb, vdsp_params
@@ -142,11 +142,15 @@ def test_vacc_under_emulation_reproduces_onnx_and_npz_path_matches(vsx, assets, 
     assert replayed['device'] == vacc['device']
 
 
-def test_model_prefix_skips_compiling(vsx, assets, demo_subset, tmp_path):
+def test_model_prefix_skips_compiling_and_ranks_use_their_own_device(vsx, assets, demo_subset, tmp_path,
+                                                                      monkeypatch):
     first = run(compose_cfg('runtime=vacc', 'precision=fp16', *_data(demo_subset)), tmp_path / 'a')
+    monkeypatch.setenv('LOCAL_RANK', '1')  # as torchrun / Lightning DDP set it for the second process
     given = run(compose_cfg('runtime=vacc', 'precision=fp16', f"runtime.model_prefix={first['artifacts']['runtime']}",
-                            'runtime.compiler=no-such-vamc', *_data(demo_subset)), tmp_path / 'b')
+                            'runtime.compiler=no-such-vamc', 'runtime.device_id=2', *_data(demo_subset)),
+                tmp_path / 'b')
     assert given['precision_details']['compiled'] == 'given' and given['device'] == first['device']
+    assert ('set_device', 3) in vsx.calls
     with pytest.raises(UserError, match='runtime.model_prefix'):
         run(compose_cfg('runtime=vacc', 'precision=fp16', f'runtime.model_prefix={tmp_path}/nothing/mod'),
             tmp_path / 'c')

@@ -8,241 +8,41 @@ EvalRunner (a Runner for evaluation) and a progress bar for the test loop. Usabl
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
-import torch
 from mmengine.hooks import Hook
-from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, RUNNERS
 from mmengine.runner import Runner
 
-from integrations.export import RawMapGraph, compare_maps, export_onnx, export_torchscript
-from integrations.models import get_family
-from runtime import Artifact, get_runtime
-from runtime.cache import ArtifactCache, content_key
-from runtime.calibration import CalibrationReader, digest, select_images
-from runtime.onnx import OrtSession
-
-EXPORT_TOLERANCE = 1e-3  # max abs difference between ONNX Runtime fp32 and PyTorch raw maps
+from integrations.deploy import DeviceBuild
 
 
 @HOOKS.register_module()
 class ExportHook(Hook):
     """Before the test loop: cut the head, export ONNX (+TorchScript), build and load the runtime, and attach it
-    to the test evaluator. Runs after the checkpoint is loaded, so the export holds the tested weights. With a
-    cache, the export and build are looked up by content first and done only on a miss.
-
-    Args:
-        family: model family module name in `integrations.models`. Defaults to 'yolov5'.
-        out_dir: where the artifacts go when the cache is off. Defaults to 'export'.
-        runtime: runtime options, `name` picks `runtime.<name>`. Defaults to ONNX Runtime.
-        precision: precision options (conf/precision/*.yaml), `name` fp32/fp16/int8. Defaults to fp32.
-        reference: also evaluate this precision of the same runtime in the same loop (e.g. 'fp32').
-        opset: ONNX opset. Defaults to 13.
-        simplify: run onnxslim on the export. Defaults to True.
-        torchscript: also write a traced TorchScript file. Defaults to False.
-        compare_native: keep the native forward (native mAP and raw-map fidelity); False skips it.
-        cache_dir: artifact cache directory; None (default) builds into `out_dir` every time.
-    """
+    to the test evaluator (integrations.deploy.DeviceBuild; its arguments are this hook's). Runs after the
+    checkpoint is loaded, so the export holds the tested weights."""
 
     priority = 'LOW'  # after checkpoint loading and the framework's own before_test hooks
 
-    def __init__(self, family: str = 'yolov5', out_dir: str = 'export', runtime: dict | None = None,
-                 precision: dict | None = None, reference: str | None = None, opset: int = 13,
-                 simplify: bool = True, torchscript: bool = False, compare_native: bool = True,
-                 cache_dir: str | None = None):
-        self.family_name = family
-        self.family = get_family(family)
-        self.out_dir = Path(out_dir)
-        self.runtime_cfg = dict(runtime or {'name': 'onnx'})
-        self.precision = dict(precision or {'name': 'fp32'})
-        self.reference = reference if reference and reference != self.precision['name'] else None
-        self.export_cfg = {'opset': opset, 'simplify': simplify, 'torchscript': torchscript}
-        self.compare_native = compare_native
-        self.cache = ArtifactCache(cache_dir) if cache_dir else None
+    def __init__(self, **options):
+        self.device = DeviceBuild(**options)
         self.report: dict = {}
 
     def before_test(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        entry, built, cache_state, runtime, reference = self.build(runner)
-        timings = built['timings'] if cache_state != 'hit' else {'export_s': 0.0, 'build_s': 0.0}
-        sessions = {'device': runtime.load(Artifact(entry / built['device']['file'], built['device']['info'], entry))}
-        if reference:
-            sessions['reference'] = reference.load(Artifact(entry / built['reference']['file'], root=entry))
-        shape = self.family.input_shape(runner.cfg)
-        taps = self.family.raw_map_modules(model) if self.compare_native else []
-        runner.test_loop.evaluator.attach(sessions=sessions, decoder=self.family.build_decoder(model, shape),
-                                          preprocessor=model.data_preprocessor, taps=taps)
-        if not self.compare_native:
-            # the native forward is not needed: hand the evaluator the batch's own data samples
-            model.test_step = lambda data: data['data_samples']
-        artifacts = {name: str(entry / file) for name, file in built['files'].items()}
-        self.report = {'input_shape': [*shape], 'io': built['io'], 'export_check': built['export_check'],
-                       'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
-                       'precision': {**built['device']['info'], **self.calibration_info},
-                       'runtime_version': runtime.version()}
+        self.report = self.device.prepare(_plain(runner.model), runner.cfg, runner.test_dataloader.dataset,
+                                          runner.test_loop.evaluator)
 
     def build(self, runner) -> tuple[Path, dict, str, object, object]:
-        """Export and build (or find them in the cache): the entry directory, its build report, the cache state
-        ('off', 'hit', 'miss') and the device and reference runtimes."""
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        model.eval()
-        shape = self.family.input_shape(runner.cfg)
-        options = {k: v for k, v in self.runtime_cfg.items() if k != 'name'}
-        runtime = get_runtime(self.runtime_cfg['name'], precision=self.precision, **options)
-        reference = get_runtime(self.runtime_cfg['name'], precision={'name': self.reference}, **options) \
-            if self.reference else None
-        calibration, self.calibration_info = self._calibration(runner, model)
-        keep_float = keep_float_names(self.family, model, self.precision)
-        preprocessing = self.family.device_preprocessing(runner.cfg)
-
-        def build(out_dir: Path) -> None:
-            build_artifacts(model, self.family, shape, out_dir, self.export_cfg, runtime, reference,
-                            calibration, keep_float, preprocessing)
-
-        if self.cache is None:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
-            self.out_dir.mkdir(parents=True)
-            build(self.out_dir)
-            entry, cache_state = self.out_dir, 'off'
-        else:
-            key = content_key(self._key_parts(runner, model, shape, runtime, self.calibration_info, keep_float))
-            entry, hit = self.cache.get_or_build(key, build, describe={
-                'model': self.family_name, 'config': runner.cfg.filename, 'shape': shape,
-                'runtime': self.runtime_cfg['name'], 'precision': self.precision['name'],
-                'reference': self.reference})
-            cache_state = 'hit' if hit else 'miss'
-        return entry, json.loads((entry / BUILD_REPORT).read_text()), cache_state, runtime, reference
-
-    def _key_parts(self, runner, model, shape, runtime, calibration_info, keep_float) -> dict:
-        """Everything that shapes the artifacts, and nothing that only shapes the evaluation (thresholds)."""
-        import onnx
-        import onnxslim
-
-        model_cfg = {k: v for k, v in runner.cfg.model.to_dict().items() if k not in ('test_cfg', 'train_cfg')}
-        return {'weights': state_digest(model), 'model': model_cfg, 'family': self.family_name,
-                'shape': shape, 'export': self.export_cfg, 'runtime': self.runtime_cfg,
-                'precision': self.precision, 'reference': self.reference, 'keep_float': keep_float,
-                'calibration': calibration_info.get('calibration_digest'),
-                'preprocessing': str(runner.cfg.test_dataloader.dataset.pipeline) if calibration_info else None,
-                'versions': {'runtime': runtime.version(), 'torch': torch.__version__,
-                             'onnx': onnx.__version__, 'onnxslim': onnxslim.__version__,
-                             'build_format': BUILD_FORMAT}}
-
-    def _calibration(self, runner, model) -> tuple[CalibrationReader | None, dict]:
-        """The calibration reader for int8: images drawn by seed, preprocessed as the test loop does."""
-        if self.precision['name'] != 'int8':
-            return None, {}
-        settings = self.precision['calibration']
-        dataset = runner.test_dataloader.dataset
-        evaluated = {Path(dataset.get_data_info(i)['img_path']) for i in range(len(dataset))}
-        paths, disjoint = select_images(settings['data'], settings['num_images'], settings['seed'], evaluated)
-        if not disjoint:
-            print_log(f"calibrating on evaluated images ({settings['data']} holds nothing else); set "
-                      'precision.calibration.data=DIR for a disjoint calibration set', 'current', logging.WARNING)
-        preprocess = loop_preprocessing(runner.cfg, model)
-        info = {'calibration_data': str(settings['data']), 'calibration_seed': settings['seed'],
-                'calibration_images': [p.name for p in paths], 'calibration_digest': digest(paths),
-                'calibration_disjoint': disjoint}
-        return CalibrationReader(paths, preprocess), info
+        """Export and build only (task=export): see DeviceBuild.build."""
+        return self.device.build(_plain(runner.model), runner.cfg, runner.test_dataloader.dataset)
 
 
-BUILD_REPORT = 'build.json'
-BUILD_FORMAT = 2  # bump when what build_artifacts writes changes
-
-
-def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runtime, reference, calibration,
-                    keep_float, preprocessing) -> None:
-    """Export (checked against PyTorch) and build into `out_dir`, and describe it in build.json with paths
-    relative to `out_dir`, so the directory can move (the cache renames it into place)."""
-    onnx_path = out_dir / 'model.onnx'
-    sample = torch.rand(1, *shape)
-    start = time.perf_counter()
-    with family.cut_head(model):
-        graph = RawMapGraph(model)
-        io_spec = export_onnx(graph, sample, onnx_path, family.OUTPUT_PREFIX, export_cfg['opset'],
-                              export_cfg['simplify'])
-        files = {'onnx': onnx_path.name}
-        if export_cfg['torchscript']:
-            export_torchscript(graph, sample, out_dir / 'model.torchscript.pt')
-            files['torchscript'] = 'model.torchscript.pt'
-        with torch.no_grad():
-            torch_maps = [m.numpy() for m in graph(sample)]
-    export_check = compare_maps(torch_maps, OrtSession(onnx_path).run(sample.numpy()))
-    if export_check['max_abs_diff'] > EXPORT_TOLERANCE:
-        raise RuntimeError(f"ONNX export differs from PyTorch by {export_check['max_abs_diff']:.3g} "
-                           f'(> {EXPORT_TOLERANCE}) on the raw maps')
-    export_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    artifact = runtime.build(onnx_path, out_dir, calibration=calibration, keep_float=keep_float,
-                             preprocessing=preprocessing, shape=shape)
-    built = {'device': {'file': _relative(artifact.path, out_dir), 'info': artifact.info}}
-    files['runtime'] = built['device']['file']
-    files.update(artifact.files)
-    if reference:
-        reference_artifact = reference.build(onnx_path, out_dir, preprocessing=preprocessing, shape=shape)
-        built['reference'] = {'file': _relative(reference_artifact.path, out_dir)}
-    report = {**built, 'io': io_spec, 'export_check': export_check, 'files': files,
-              'timings': {'export_s': export_s, 'build_s': time.perf_counter() - start}}
-    (out_dir / BUILD_REPORT).write_text(json.dumps(report, indent=1))
-
-
-def _relative(path: Path, out_dir: Path) -> str:
-    """A built file's path relative to the build directory (which moves into the cache), or absolute when the
-    runtime uses something outside it (a given compiled model)."""
-    try:
-        return str(path.resolve().relative_to(out_dir.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def state_digest(model) -> str:
-    """Digest of the model's parameters and buffers: what the checkpoint put in, however it was loaded."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
-def image_pipeline(cfg):
-    """The config's test pipeline for images without annotations (calibration, benchmarks): LoadAnnotations left
-    out; its transforms looked up in the config's default scope (mmyolo, mmdet)."""
-    from mmcv.transforms import Compose
-    from mmengine.registry import DefaultScope
-
-    steps = cfg.test_dataloader.dataset.pipeline
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmyolo')):
-        return Compose([step for step in steps if 'LoadAnnotations' not in step['type']])
-
-
-def loop_preprocessing(cfg, model):
-    """path -> float32 NCHW batch of one, through the config's test pipeline and the model's preprocessor."""
-    from mmengine.dataset import pseudo_collate
-
-    pipeline = image_pipeline(cfg)
-
-    def preprocess(path: Path):
-        data = pipeline(dict(img_path=str(path), img_id=0))
-        with torch.no_grad():
-            return model.data_preprocessor(pseudo_collate([data]), False)['inputs'].numpy()
-
-    return preprocess
-
-
-def keep_float_names(family, model, precision: dict) -> list[str]:
-    """Module names of the raw-map convs when the precision keeps them in float, else none."""
-    if not precision.get('keep_raw_map_convs_float'):
-        return []
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(m)] for m in family.raw_map_modules(model)]
+def _plain(model):
+    return model.module if is_model_wrapper(model) else model
 
 
 @RUNNERS.register_module()

@@ -2,6 +2,7 @@
 preprocessor and metric, with ExportHook and DeviceEvaluator added to it."""
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def load_model_config(config: str):
     return Config.fromfile(path, format_python_code=False)
 
 
-def build_model(mm_cfg, checkpoint: str | Path | None = None):
+def build_model(mm_cfg, checkpoint: str | Path | None = None, trusted: bool = False):
     """The detector of an mmyolo/mmdet config (in the config's default scope) in eval mode, with a checkpoint
     loaded safely if given."""
     from mmengine.registry import MODELS, DefaultScope
@@ -41,9 +42,9 @@ def build_model(mm_cfg, checkpoint: str | Path | None = None):
 
     register_all_modules(init_default_scope=False)
     with DefaultScope.overwrite_default_scope(mm_cfg.get('default_scope', 'mmyolo')):
-        model = MODELS.build(mm_cfg.model)
+        model = MODELS.build(copy.deepcopy(mm_cfg.model))  # detectors write test_cfg into their heads' configs
     if checkpoint:
-        apply_state_dict(model, load_state_dict(checkpoint), str(checkpoint))
+        apply_state_dict(model, load_state_dict(checkpoint, trusted), str(checkpoint))
     return model.eval()
 
 
@@ -108,8 +109,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     mm_cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
     mm_cfg.work_dir = str(output_dir / 'mmengine')
     mm_cfg.load_from = None  # loaded by integrations.checkpoint, without unpickling arbitrary objects
-    mm_cfg.launcher = cfg.engine.launcher
-    mm_cfg.env_cfg = dict(mm_cfg.get('env_cfg', {}), dist_cfg=dict(backend=cfg.engine.dist_backend))
+    mm_cfg.launcher = cfg.engine.get('launcher', 'none')  # mmengine's; Lightning launches its own
+    mm_cfg.env_cfg = dict(mm_cfg.get('env_cfg', {}), dist_cfg=dict(backend=cfg.engine.get('dist_backend', 'gloo')))
     mm_cfg.log_level = cfg.engine.log_level
     return mm_cfg
 
