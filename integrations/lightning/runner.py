@@ -27,11 +27,11 @@ def build_trainer(cfg: DictConfig, mm_cfg):
 
 def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     """Evaluate inside `trainer.test()`: metrics, the export report and the loop's seconds."""
+    from mmengine.logging import MMLogger
+
     from integrations.lightning.callbacks import DeviceEvalCallback, ExportCallback
     from integrations.lightning.modules import DetectorModule, MMDataModule
     from integrations.mmengine.runner import build_config, build_model
-
-    from mmengine.logging import MMLogger
 
     mm_cfg = build_config(cfg, output_dir, export_dir)
     MMLogger.get_instance('inloop-lightning', log_level=cfg.engine.log_level)  # the metrics' log level
