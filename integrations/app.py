@@ -35,6 +35,16 @@ def check_dataset(img_dir: str, ann_file: str) -> int:
     return len(coco['images'])
 
 
+def check_openimages_mlperf(ann_file: str) -> None:
+    """The RetinaNet's labels are the category ids 0..263 of the MLPerf format."""
+    from integrations.models.openimages_mlperf import CLASSES
+
+    categories = json.loads(Path(ann_file).read_text())['categories']
+    if [(c['id'], c['name']) for c in sorted(categories, key=lambda c: c['id'])] != list(enumerate(CLASSES)):
+        raise UserError(f'data.ann_file={ann_file}: not in the openimages-mlperf format (264 categories, ids 0-263); '
+                        'convert COCO ground truth with tools/coco_to_openimages_mlperf.py')
+
+
 def check_inputs(cfg: DictConfig) -> int:
     if cfg.engine.name not in ENGINES:
         raise UserError(f'engine={cfg.engine.name}: not available (choose from {", ".join(ENGINES)})')
@@ -52,6 +62,8 @@ def check_inputs(cfg: DictConfig) -> int:
         options = {k: v for k, v in OmegaConf.to_container(cfg.runtime, resolve=True).items() if k != 'name'}
         get_runtime(cfg.runtime.name, precision=OmegaConf.to_container(cfg.precision, resolve=True), **options)
     num_images = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
+    if cfg.model.get('label_space') == 'openimages_mlperf':
+        check_openimages_mlperf(cfg.data.ann_file)
     if cfg.eval.get('num_images'):
         num_images = min(num_images, cfg.eval.num_images)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():

@@ -96,7 +96,7 @@ class Runtime:
         model_prefix: an already compiled model (`…/mod`); compiling is skipped.
         compiler: the vamc executable.
         compile: False writes the build files only (task=export).
-        resize_type: the VDSP resize kind (BILINEAR_CV, BILINEAR_PILLOW, …).
+        vdsp: the VDSP op's options: `resize_type` (BILINEAR_CV, BILINEAR_PILLOW, …).
         cluster_mode: vamc's backend.compile.cluster_mode.
     """
 
@@ -104,7 +104,7 @@ class Runtime:
     calibration_methods = CALIBRATION_METHODS
 
     def __init__(self, precision: dict, device_id: int = 0, batch_size: int = 1, model_prefix: str | None = None,
-                 compiler: str = 'vamc', compile: bool = True, resize_type: str = 'BILINEAR_CV',
+                 compiler: str = 'vamc', compile: bool = True, vdsp: dict | None = None,
                  cluster_mode: int = 0):
         self.precision = dict(precision)
         self.device_id = int(device_id)
@@ -112,13 +112,13 @@ class Runtime:
         self.model_prefix = model_prefix
         self.compiler = compiler
         self.compile = compile
-        self.resize_type = resize_type
+        self.resize_type = (vdsp or {}).get('resize_type', 'BILINEAR_CV')
         self.cluster_mode = cluster_mode
         name = self.precision['name']
         if name not in ('fp16', 'int8'):
             raise UserError(f'precision={name}: runtime=vacc supports fp16, int8')
-        if resize_type not in RESIZE_TYPES:
-            raise UserError(f'runtime.resize_type={resize_type}: choose from {", ".join(RESIZE_TYPES)}')
+        if self.resize_type not in RESIZE_TYPES:
+            raise UserError(f'runtime.vdsp.resize_type={self.resize_type}: choose from {", ".join(RESIZE_TYPES)}')
         if name == 'int8':
             method = self.precision['calibration']['method']
             if method not in CALIBRATION_METHODS:

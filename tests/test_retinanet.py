@@ -199,3 +199,18 @@ def test_run_model_retinanet_in_runner_test(model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count('mAP=') == 2 and 'weights:' not in printed
     assert np.isfinite(result['device']['bbox_mAP'])
+
+
+def test_demo_data_in_the_models_label_space(tmp_path):
+    """`python run.py model=retinanet` evaluates the demo images against the same boxes in MLPerf's labels; a
+    COCO-format file is refused with the way to convert it."""
+    from integrations.app import check_inputs
+    from integrations.models.openimages_mlperf import convert
+
+    committed = json.loads((ROOT / 'data' / 'demo' / 'openimages-mlperf.json').read_text())
+    assert committed == convert(json.loads((ROOT / 'data' / 'demo' / 'annotations.json').read_text()))
+    assert compose_cfg('model=retinanet').data.ann_file.endswith('data/demo/openimages-mlperf.json')
+    assert compose_cfg().data.ann_file.endswith('data/demo/annotations.json')
+    with pytest.raises(UserError, match='not in the openimages-mlperf format'):
+        check_inputs(compose_cfg('model=retinanet', 'data=coco', f'data.img_dir={DEMO_IMAGES}',
+                                 f"data.ann_file={ROOT / 'data' / 'demo' / 'annotations.json'}"))

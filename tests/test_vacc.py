@@ -162,3 +162,21 @@ def test_bench_runs_vacc_sessions_on_image_files(vsx, assets, demo_subset, tmp_p
                              'bench.iterations=2'), tmp_path)
     assert [(b['batch_size'], b['samples']) for b in result['settings']] == [(1, 2), (2, 4)]
     assert result['evaluation']['images_per_s'] > 0 and (tmp_path / 'bench.json').is_file()
+
+
+def test_export_retinanet_resize_and_imagenet_normalization(no_sdk, tmp_path):
+    """The RetinaNet's build files: plain resize to 800x800 and ImageNet mean/std, as the seeds' MLCommons files."""
+    result = run(compose_cfg('task=export', 'model=retinanet', 'runtime=vacc', 'precision=int8',
+                             'precision.calibration.method=kl_divergence', 'precision.calibration.num_images=2',
+                             'eval.num_images=2'), tmp_path)
+    export = Path(result['export_dir'])
+    config = yaml.safe_load((export / 'vamc.yaml').read_text())
+    assert config['frontend']['shape'] == {'input': [1, 3, 800, 800]}
+    assert config['backend']['quantize']['calibrate_mode'] == 'kl_divergence'
+    ops = config['dataset']['process_ops']
+    assert ops[1] == {'type': 'Resize', 'size': [800, 800]}
+    assert np.allclose(ops[2]['mean'], [0.485, 0.456, 0.406]) and np.allclose(ops[2]['std'], [0.229, 0.224, 0.225])
+    vdsp = json.loads((export / 'vdsp_params.json').read_text())
+    assert vdsp['OpType'] == 'FUSION_OP_RGB_RESIZE_CVTCOLOR_NORM_TENSOR'
+    assert vdsp['OpConfig']['NormaType'] == 'DIV255_MINUSMEAN_DIVSTD'
+    assert np.allclose(vdsp['OpConfig']['Mean'], [0.485, 0.456, 0.406], atol=1e-3)
