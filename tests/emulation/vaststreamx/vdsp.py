@@ -1,5 +1,5 @@
 """The VDSP fusion ops of the generated JSON, in numpy (tests only): resize or letterbox an RGB planar image,
-normalize, and return the float16 tensor the model takes."""
+convert colour, normalize, and return the float16 tensor the model takes."""
 from __future__ import annotations
 
 import numpy as np
@@ -41,6 +41,11 @@ class FusionOp:
             image = canvas
         else:
             image = resize(image, out_w, out_h, c['ResizeType'])
+        code = c.get('ColorCvtCode', 'NO_CHANGE')
+        if code in ('RGB2BGR', 'BGR2RGB'):
+            image = image[..., ::-1]
+        elif code != 'NO_CHANGE':
+            raise ValueError(f'emulation does not implement ColorCvtCode {code}')
         x = image.astype(np.float32) / 255
         if c['NormaType'] == 'DIV255_MINUSMEAN_DIVSTD':
             x = (x - np.asarray(c['Mean'], np.float32)) / np.asarray(c['Std'], np.float32)
