@@ -28,8 +28,12 @@ def load_model_config(config: str):
             raise UserError(f'model.config={config}: package {package} is not installed') from None
     if not Path(path).is_file():
         raise UserError(f'model.config={config}: config file not found')
-    # yapf-formatting the config text (for logs and dumps) costs seconds per Runner; plain text does
-    return Config.fromfile(path, format_python_code=False)
+    # yapf-formatting the config text (the Runner dumps and logs it four times) costs ~10 s per run; plain text
+    # does. mmengine 0.10.7's fromfile drops its own format_python_code argument for non-lazy configs, so it is set
+    # on the result.
+    cfg = Config.fromfile(path)
+    object.__setattr__(cfg, '_format_python_code', False)
+    return cfg
 
 
 def build_model(mm_cfg, checkpoint: str | Path | None = None, trusted: bool = False):
