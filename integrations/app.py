@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -73,6 +74,22 @@ def check_inputs(cfg: DictConfig) -> int:
     return num_images
 
 
+@contextmanager
+def host_threads(cfg: DictConfig):
+    """torch's intra-op threads for the evaluation's host work (preprocessing, decoding): idle torch threads
+    spin-wait on the cores a CPU runtime computes on, so without a native forward to speed up one is best."""
+    import torch
+
+    threads = cfg.eval.get('host_threads') or (None if cfg.eval.compare_native else 1)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
@@ -119,7 +136,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     export_dir = output_dir / 'export'
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        outcome = test(cfg, output_dir, export_dir)
+        with host_threads(cfg):
+            outcome = test(cfg, output_dir, export_dir)
     except BaseException:
         shutil.rmtree(export_dir, ignore_errors=True)
         raise
@@ -160,7 +178,8 @@ def bench_task(cfg: DictConfig, output_dir: Path) -> dict:
     with open_dict(cfg):
         cfg.eval.compare_native = False  # the loop is measured against the bare runtime: no native forward
     output_dir.mkdir(parents=True, exist_ok=True)
-    result = run_bench(cfg, output_dir)
+    with host_threads(cfg):
+        result = run_bench(cfg, output_dir)
     write_json_atomic(output_dir / 'bench.json', result)
     e = result['evaluation']
     print(f"bare runtime {result['qps']:.2f} images/s (p50 {result['p50'] / 1000:.1f} ms, p90 "

@@ -58,3 +58,17 @@ def test_bench_task_writes_vamp_figures(assets, tmp_path):
     assert set(saved['settings'][0]['e2e_latency_us']) == {'avg', 'min', 'max', 'p50', 'p90', 'p99'}
     assert saved['evaluation']['overhead_ratio'] > 0 and saved['evaluation']['host_ms_per_image'] > 0
     assert saved['num_images'] == 4 and saved['replay']['images_per_s'] > 0
+
+
+def test_host_work_single_threaded_without_native_forward():
+    """Idle torch threads spin on the runtime's cores: one thread when no native forward needs more."""
+    from integrations.app import host_threads
+
+    before = torch.get_num_threads()
+    with host_threads(compose_cfg('eval.compare_native=false')):
+        assert torch.get_num_threads() == 1
+    with host_threads(compose_cfg('eval.compare_native=true')):
+        assert torch.get_num_threads() == before
+    with host_threads(compose_cfg('eval.compare_native=true', 'eval.host_threads=1')):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
