@@ -26,7 +26,7 @@ test_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(type='CocoDataset', data_root='', ann_file='openimages-mlperf.json', data_prefix=dict(img=''),
                  test_mode=True, pipeline=test_pipeline))
-test_evaluator = dict(type='OpenImagesMLPerfMetric', ann_file='openimages-mlperf.json')
+test_evaluator = dict(type='mmdet.OpenImagesMLPerfMetric', ann_file='openimages-mlperf.json')
 test_cfg = dict(type='TestLoop')
 
 default_hooks = dict(timer=dict(type='IterTimerHook'), logger=dict(type='LoggerHook', interval=50),

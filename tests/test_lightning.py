@@ -59,3 +59,13 @@ def test_ddp_two_processes_equal_one(assets, demo_subset, tmp_path):
     assert one['num_images'] == two['num_images'] == 3
     assert one['device'] == two['device'] and one['native'] == two['native']
     assert double.stdout.count('metric ') == 1  # one rank reports
+
+
+def test_lightning_equals_mmengine_for_retinanet(tmp_path):
+    """The other model family (mmdet scope, its own metric) through both engines, one real image at 800x800."""
+    common = ['model=retinanet', 'eval.num_images=1']
+    mmengine = run(compose_cfg(*common, 'engine=mmengine'), tmp_path / 'mmengine')
+    lightning = run(compose_cfg(*common, 'engine=lightning'), tmp_path / 'lightning')
+    assert lightning['cache'] == 'hit'  # the same export: the cache key does not depend on the engine
+    for key in ('device', 'native', 'fidelity', 'num_images', 'weights'):
+        assert lightning[key] == mmengine[key], key

@@ -28,6 +28,7 @@ def build_trainer(cfg: DictConfig, mm_cfg):
 def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     """Evaluate inside `trainer.test()`: metrics, the export report and the loop's seconds."""
     from mmengine.logging import MMLogger
+    from mmengine.registry import DefaultScope
 
     from integrations.lightning.callbacks import DeviceEvalCallback, ExportCallback
     from integrations.lightning.modules import DetectorModule, MMDataModule
@@ -38,7 +39,8 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     detector = build_model(mm_cfg, cfg.model.checkpoint, cfg.model.trust_checkpoint)
     trainer = build_trainer(cfg, mm_cfg)
     start = time.perf_counter()
-    trainer.test(DetectorModule(detector), datamodule=MMDataModule(mm_cfg), verbose=False)
+    with DefaultScope.overwrite_default_scope(mm_cfg.get('default_scope', 'mmyolo')):  # for the metrics' registry
+        trainer.test(DetectorModule(detector), datamodule=MMDataModule(mm_cfg), verbose=False)
     export = next(c for c in trainer.callbacks if isinstance(c, ExportCallback))
     evaluation = next(c for c in trainer.callbacks if isinstance(c, DeviceEvalCallback))
     timings = export.report['timings']
