@@ -218,7 +218,11 @@ class Runtime:
 
 
 class VaccSession:
-    """A vaststreamx stream (VDSP op -> model) that takes image files: `run_paths(paths)` -> raw maps."""
+    """A vaststreamx stream (VDSP op -> model) that takes image files: `run_paths(paths)` -> raw maps.
+
+    Images go to the device as they are; the seeds' scripts first resize odd-sized images to even sizes, which
+    would change the geometry the host decode assumes — whether the SDK needs it is not verified here.
+    """
 
     reads = 'paths'
 
