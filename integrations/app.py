@@ -17,8 +17,8 @@ ENGINES = ('mmengine', 'lightning')
 TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
 
 
-def check_dataset(img_dir: str, ann_file: str) -> int:
-    """Fail early, naming the option, if the data cannot be evaluated; return the number of images."""
+def check_dataset(img_dir: str, ann_file: str) -> dict:
+    """Fail early, naming the option, if the data cannot be evaluated; return the parsed annotation file."""
     if not Path(img_dir).is_dir():
         raise UserError(f'data.img_dir={img_dir}: directory not found')
     if not Path(ann_file).is_file():
@@ -33,14 +33,13 @@ def check_dataset(img_dir: str, ann_file: str) -> int:
     if missing:
         raise UserError(f'data.img_dir={img_dir}: {len(missing)} image(s) of {ann_file} missing, '
                         f'first: {missing[0]}')
-    return len(coco['images'])
+    return coco
 
 
-def check_openimages_mlperf(ann_file: str) -> None:
+def check_openimages_mlperf(ann_file: str, categories: list[dict]) -> None:
     """The RetinaNet's labels are the category ids 0..263 of the MLPerf format."""
     from integrations.models.openimages_mlperf import CLASSES
 
-    categories = json.loads(Path(ann_file).read_text())['categories']
     if [(c['id'], c['name']) for c in sorted(categories, key=lambda c: c['id'])] != list(enumerate(CLASSES)):
         raise UserError(f'data.ann_file={ann_file}: not in the openimages-mlperf format (264 categories, ids 0-263); '
                         'convert COCO ground truth with tools/coco_to_openimages_mlperf.py')
@@ -62,9 +61,10 @@ def check_inputs(cfg: DictConfig) -> int:
         from runtime import get_runtime
         options = {k: v for k, v in OmegaConf.to_container(cfg.runtime, resolve=True).items() if k != 'name'}
         get_runtime(cfg.runtime.name, precision=OmegaConf.to_container(cfg.precision, resolve=True), **options)
-    num_images = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
+    coco = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
+    num_images = len(coco['images'])
     if cfg.model.get('label_space') == 'openimages_mlperf':
-        check_openimages_mlperf(cfg.data.ann_file)
+        check_openimages_mlperf(cfg.data.ann_file, coco['categories'])
     if cfg.eval.get('num_images'):
         num_images = min(num_images, cfg.eval.num_images)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():

@@ -118,8 +118,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     options = {k: v for k, v in cfg.runtime.items() if k != 'name'}
     runtime = get_runtime(cfg.runtime.name, precision=dict(cfg.precision), **options)
     built = hook.report
-    artifact = Artifact(Path(built['artifacts']['runtime']), built['precision'],
-                        Path(built['artifacts']['onnx']).parent)
+    artifact = Artifact(Path(built['artifacts']['runtime']), built['precision'], Path(built['build_dir']))
     settings = ([{'batch_size': 1, 'instances': 1}] if bench.scenario == 'single_stream' else
                 [{'batch_size': b, 'instances': i} for b in bench.batch_sizes for i in bench.instances])
     blocks = []

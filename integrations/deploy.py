@@ -77,7 +77,7 @@ class DeviceBuild:
             model.test_step = lambda data: data['data_samples']
         artifacts = {name: str(entry / file) for name, file in built['files'].items()}
         return {'input_shape': [*shape], 'io': built['io'], 'export_check': built['export_check'],
-                'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
+                'build_dir': str(entry), 'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
                 'precision': {**built['device']['info'], **self.calibration_info},
                 'runtime_version': runtime.version()}
 

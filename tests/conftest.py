@@ -83,3 +83,9 @@ def demo_subset(tmp_path_factory):
     path = tmp_path_factory.mktemp('subset') / 'subset.json'
     path.write_text(json.dumps(coco))
     return path
+
+
+@pytest.fixture(scope='session')
+def demo_subset_data(demo_subset) -> list[str]:
+    """The overrides that evaluate `demo_subset`."""
+    return ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']

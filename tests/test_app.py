@@ -37,7 +37,8 @@ def test_demo_results_json(demo_results):
     assert results['fidelity']['max_abs_diff'] < 1e-3 and results['fidelity']['min_cosine'] > 0.99999
     assert results['device']['bbox_mAP'] > 0.3  # real weights on real photographs
     assert abs(results['device']['bbox_mAP'] - results['native']['bbox_mAP']) <= 0.001
-    assert all(results['timings'][k] > 0 for k in ('export_s', 'eval_s', 'images_per_s'))
+    assert all(results['timings'][k] > 0 for k in ('eval_s', 'images_per_s'))
+    assert (results['timings']['export_s'] > 0) == (results['cache'] == 'miss')  # an earlier test may have built it
 
 
 def test_compare_native_false_skips_native(demo_results, tmp_path):

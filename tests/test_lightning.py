@@ -9,13 +9,9 @@ from integrations.config import ROOT
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 
-def _data(demo_subset):
-    return ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']
-
-
-def test_lightning_equals_mmengine(assets, demo_subset, tmp_path):
-    mmengine = run(compose_cfg(*_data(demo_subset), 'engine=mmengine'), tmp_path / 'mmengine')
-    lightning = run(compose_cfg(*_data(demo_subset), 'engine=lightning'), tmp_path / 'lightning')
+def test_lightning_equals_mmengine(assets, demo_subset_data, tmp_path):
+    mmengine = run(compose_cfg(*demo_subset_data, 'engine=mmengine'), tmp_path / 'mmengine')
+    lightning = run(compose_cfg(*demo_subset_data, 'engine=lightning'), tmp_path / 'lightning')
     assert lightning['engine'] == 'lightning' and (tmp_path / 'lightning' / 'results.json').is_file()
     for key in ('device', 'native', 'fidelity', 'num_images', 'io', 'export_check'):
         assert lightning[key] == mmengine[key], key
@@ -45,10 +41,10 @@ def test_callbacks_in_a_users_trainer(assets, yolov5s, tmp_path):
     assert (tmp_path / 'export' / 'model.onnx').is_file()
 
 
-def test_ddp_two_processes_equal_one(assets, demo_subset, tmp_path):
+def test_ddp_two_processes_equal_one(assets, demo_subset_data, tmp_path):
     """Three images over two ranks: Lightning's DistributedSampler pads one rank with a repeat, which must not
     be counted twice."""
-    args = [sys.executable, 'run.py', 'engine=lightning', *_data(demo_subset)]
+    args = [sys.executable, 'run.py', 'engine=lightning', *demo_subset_data]
     single = subprocess.run([*args, f'hydra.run.dir={tmp_path / "one"}'], cwd=ROOT, capture_output=True,
                             text=True, check=False)
     assert single.returncode == 0, single.stderr[-2000:]

@@ -49,9 +49,6 @@ def vsx(monkeypatch, vamc):
     return vaststreamx
 
 
-def _data(demo_subset):
-    return ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']
-
 
 def test_without_sdk_or_compiler_one_clear_error(no_sdk, assets, tmp_path, monkeypatch, vamc):
     with pytest.raises(UserError, match='vaststreamx SDK is not importable'):
@@ -65,8 +62,9 @@ def test_without_sdk_or_compiler_one_clear_error(no_sdk, assets, tmp_path, monke
     assert not (tmp_path / 'a' / 'export').exists() and not (tmp_path / 'b' / 'export').exists()
 
 
-def test_export_writes_seed_shaped_build_files_without_sdk(no_sdk, assets, demo_subset, tmp_path, vamc):
-    result = run(compose_cfg('task=export', 'runtime=vacc', 'precision=int8', *_data(demo_subset),
+def test_export_writes_seed_shaped_build_files_without_sdk(no_sdk, assets, demo_subset_data, tmp_path,
+                                                          vamc):
+    result = run(compose_cfg('task=export', 'runtime=vacc', 'precision=int8', *demo_subset_data,
                              'precision.calibration.num_images=4'), tmp_path)
     export = Path(result['export_dir'])
     config = yaml.safe_load((export / 'vamc.yaml').read_text())
@@ -112,8 +110,9 @@ def test_emulated_vdsp_letterbox_matches_host_preprocessing(assets, yolov5s):
             assert np.abs(got - expected).max() <= 1e-3
 
 
-def test_vacc_under_emulation_reproduces_onnx_and_npz_path_matches(vsx, assets, demo_subset, tmp_path):
-    data = _data(demo_subset)
+def test_vacc_under_emulation_reproduces_onnx_and_npz_path_matches(vsx, assets, demo_subset_data,
+                                                                    tmp_path):
+    data = demo_subset_data
     onnx = run(compose_cfg(*data), tmp_path / 'onnx')
     vacc = run(compose_cfg('runtime=vacc', 'precision=fp16', *data), tmp_path / 'vacc')
     assert abs(vacc['device']['bbox_mAP'] - onnx['device']['bbox_mAP']) <= 0.02
@@ -142,12 +141,12 @@ def test_vacc_under_emulation_reproduces_onnx_and_npz_path_matches(vsx, assets, 
     assert replayed['device'] == vacc['device']
 
 
-def test_model_prefix_skips_compiling_and_ranks_use_their_own_device(vsx, assets, demo_subset, tmp_path,
-                                                                      monkeypatch):
-    first = run(compose_cfg('runtime=vacc', 'precision=fp16', *_data(demo_subset)), tmp_path / 'a')
+def test_model_prefix_skips_compiling_and_ranks_use_their_own_device(vsx, assets, demo_subset_data,
+                                                                      tmp_path, monkeypatch):
+    first = run(compose_cfg('runtime=vacc', 'precision=fp16', *demo_subset_data), tmp_path / 'a')
     monkeypatch.setenv('LOCAL_RANK', '1')  # as torchrun / Lightning DDP set it for the second process
     given = run(compose_cfg('runtime=vacc', 'precision=fp16', f"runtime.model_prefix={first['artifacts']['runtime']}",
-                            'runtime.compiler=no-such-vamc', 'runtime.device_id=2', *_data(demo_subset)),
+                            'runtime.compiler=no-such-vamc', 'runtime.device_id=2', *demo_subset_data),
                 tmp_path / 'b')
     assert given['precision_details']['compiled'] == 'given' and given['device'] == first['device']
     assert ('set_device', 3) in vsx.calls
@@ -156,8 +155,8 @@ def test_model_prefix_skips_compiling_and_ranks_use_their_own_device(vsx, assets
             tmp_path / 'c')
 
 
-def test_bench_runs_vacc_sessions_on_image_files(vsx, assets, demo_subset, tmp_path):
-    result = run(compose_cfg('task=bench', 'runtime=vacc', 'precision=fp16', *_data(demo_subset),
+def test_bench_runs_vacc_sessions_on_image_files(vsx, assets, demo_subset_data, tmp_path):
+    result = run(compose_cfg('task=bench', 'runtime=vacc', 'precision=fp16', *demo_subset_data,
                              'bench.batch_sizes=[1,2]', 'bench.instances=[1]', 'bench.warmup=1',
                              'bench.iterations=2'), tmp_path)
     assert [(b['batch_size'], b['samples']) for b in result['settings']] == [(1, 2), (2, 4)]
