@@ -34,39 +34,39 @@ class NativeTaps:
 class DeviceInference:
     """A runtime session plus the family's decoder; accumulates runtime seconds and raw-map fidelity.
 
-    `submit` starts the runtime call on a worker thread (runtimes release the GIL while they compute) and
-    `finish` decodes its result, so the caller can load, preprocess and decode other batches meanwhile.
-    Calls run one at a time and in order, so results equal the sequential loop's.
+    `submit` runs the runtime call and the host decoding of its raw maps on a worker thread (runtimes and
+    torch's kernels release the GIL while they compute), so the caller loads and preprocesses the next batches
+    meanwhile; `Future.result()` gives the detections. Batches run one at a time and in order, so results equal
+    the sequential loop's.
     """
 
     def __init__(self, session, decoder):
         self.session = session
         self.decoder = decoder
         self.runtime_s = 0.0
+        self.decode_s = 0.0
         self.fidelity: dict | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='runtime')
-
-    def _run(self, batch) -> list[np.ndarray]:
-        start = time.perf_counter()
-        raw_maps = self.session.run_paths(batch) if self.reads_paths else self.session.run(batch)
-        self.runtime_s += time.perf_counter() - start
-        return raw_maps
 
     @property
     def reads_paths(self) -> bool:
         """The session takes the original image files (it preprocesses on the device) instead of the batch."""
         return getattr(self.session, 'reads', 'tensor') == 'paths'
 
-    def submit(self, inputs: torch.Tensor, metas: list[dict]) -> Future:
+    def submit(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> Future:
+        """Detections of the batch, to come; `native_maps` (the native model's raw maps of the same batch) are
+        compared with the runtime's."""
         batch = [meta['img_path'] for meta in metas] if self.reads_paths else \
             inputs.detach().cpu().numpy().astype(np.float32, copy=False)
-        return self.worker.submit(self._run, batch)
+        return self.worker.submit(self._infer, batch, metas, native_maps)
 
     def __call__(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
-        return self.finish(self.submit(inputs, metas), metas, native_maps)
+        return self.submit(inputs, metas, native_maps).result()
 
-    def finish(self, future: Future, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
-        raw_maps = future.result()
+    def _infer(self, batch, metas: list[dict], native_maps) -> list[dict[str, torch.Tensor]]:
+        start = time.perf_counter()
+        raw_maps = self.session.run_paths(batch) if self.reads_paths else self.session.run(batch)
+        self.runtime_s += time.perf_counter() - start
         if native_maps:
             diff = compare_maps(native_maps, raw_maps)
             if self.fidelity is None:
@@ -74,4 +74,7 @@ class DeviceInference:
             else:
                 self.fidelity = {'max_abs_diff': max(self.fidelity['max_abs_diff'], diff['max_abs_diff']),
                                  'min_cosine': min(self.fidelity['min_cosine'], diff['min_cosine'])}
-        return self.decoder([torch.from_numpy(m) for m in raw_maps], metas)
+        start = time.perf_counter()
+        detections = self.decoder([torch.from_numpy(m) for m in raw_maps], metas)
+        self.decode_s += time.perf_counter() - start
+        return detections

@@ -7,6 +7,7 @@ in the same run) sees that runtime's decoded detections for the same batch.
 from __future__ import annotations
 
 import copy
+import time
 from collections import deque
 
 from mmengine.evaluator import Evaluator
@@ -42,7 +43,8 @@ class DeviceEvaluator(Evaluator):
         self.taps = NativeTaps()
         self.preprocessor = None
         self.compare_native = True
-        # overlap: batch k runs on the runtime while the loop decodes batch k-1 and loads batch k+1
+        self.host_s = {'preprocess': 0.0, 'metric': 0.0}  # the loop's host work, besides loading and decoding
+        # overlap: batch k runs and is decoded on the worker while the loop scores batch k-1 and loads batch k+1
         self.in_flight = 1 if overlap else 0
         self.pending: deque = deque()
 
@@ -66,33 +68,39 @@ class DeviceEvaluator(Evaluator):
             evaluator.dataset_meta = getattr(self, '_dataset_meta', None)
             self.paths[name] = (DeviceInference(session, decoder), evaluator)
         self.preprocessor = preprocessor
+        self.host_s = dict.fromkeys(self.host_s, 0.0)
         self.taps = NativeTaps(taps)
         self.compare_native = bool(taps)
 
     def process(self, data_samples, data_batch=None) -> None:
         if not self.paths:
             raise RuntimeError('DeviceEvaluator has no runtime: add ExportHook to custom_hooks')
+        start = time.perf_counter()
         batch = self.preprocessor(data_batch, False)
+        self.host_s['preprocess'] += time.perf_counter() - start
         metas = [sample.metainfo for sample in batch['data_samples']]
-        futures = {name: inference.submit(batch['inputs'], metas) for name, (inference, _) in self.paths.items()}
-        self.pending.append((futures, batch['data_samples'], self.taps.take(), data_batch))
+        native_maps = self.taps.take()
+        futures = {name: inference.submit(batch['inputs'], metas, native_maps)
+                   for name, (inference, _) in self.paths.items()}
+        self.pending.append((futures, batch['data_samples'], data_batch))
         if self.compare_native:
             super().process(data_samples, data_batch)
         while len(self.pending) > self.in_flight:
             self._finish_oldest()
 
     def _finish_oldest(self) -> None:
-        """Decode the oldest batch in flight and feed each path's metrics, in batch order."""
-        futures, data_samples, native_maps, data_batch = self.pending.popleft()
-        metas = [sample.metainfo for sample in data_samples]
-        for name, (inference, evaluator) in self.paths.items():
-            detections = inference.finish(futures[name], metas, native_maps)
+        """Feed each path's metrics with the oldest batch's detections, in batch order."""
+        futures, data_samples, data_batch = self.pending.popleft()
+        for name, (_, evaluator) in self.paths.items():
+            detections = futures[name].result()
+            start = time.perf_counter()
             samples = []
             for sample, det in zip(data_samples, detections):
                 sample = sample.clone()
                 sample.pred_instances = InstanceData(**det)
                 samples.append(sample)
             evaluator.process(samples, data_batch)
+            self.host_s['metric'] += time.perf_counter() - start
 
     def evaluate(self, size: int) -> dict:
         from mmengine.dist import all_gather_object, is_main_process

@@ -184,8 +184,10 @@ def bench_task(cfg: DictConfig, output_dir: Path) -> dict:
     e = result['evaluation']
     print(f"bare runtime {result['qps']:.2f} images/s (p50 {result['p50'] / 1000:.1f} ms, p90 "
           f"{result['p90'] / 1000:.1f} ms, p99 {result['p99'] / 1000:.1f} ms); evaluation loop "
-          f"{e['images_per_s']:.2f} images/s, overhead_ratio {e['overhead_ratio']:.2f}, "
-          f"host {e['host_ms_per_image']:.1f} ms/image")
+          f"{e['images_per_s']:.2f} images/s, overhead_ratio {e['overhead_ratio']:.2f} (bare session beside it "
+          f"{e['bare_images_per_s']:.2f} images/s), "
+          f"host {e['host_ms_per_image']:.1f} ms/image (" +
+          ', '.join(f'{k} {v:.1f}' for k, v in e['host_ms_per_image_by_stage'].items()) + ')')
     if 'replay' in result:
         print(f"replayed runtime at {result['replay']['latency_ms']} ms: "
               f"{result['replay']['images_per_s']:.1f} images/s end to end")

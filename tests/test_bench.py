@@ -4,6 +4,7 @@ import random
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from evaluators.device import DeviceInference
@@ -23,7 +24,7 @@ class _SlowSession:
 def test_submitted_batches_finish_in_order_with_their_own_results():
     inference = DeviceInference(_SlowSession(), decoder=lambda maps, metas: [float(maps[0][0, 0])])
     futures = [inference.submit(torch.full((1, 3, 2, 2), float(i)), [{}]) for i in range(20)]
-    assert [inference.finish(f, [{}])[0] for f in futures] == [float(i) for i in range(20)]
+    assert [f.result()[0] for f in futures] == [float(i) for i in range(20)]
     assert inference.runtime_s > 0
 
 
@@ -56,8 +57,14 @@ def test_bench_task_writes_vamp_figures(assets, tmp_path):
     for key in ('qps', 'p50', 'p90', 'p99', 'offline_samples_per_s'):
         assert saved[key] > 0
     assert set(saved['settings'][0]['e2e_latency_us']) == {'avg', 'min', 'max', 'p50', 'p90', 'p99'}
-    assert saved['evaluation']['overhead_ratio'] > 0 and saved['evaluation']['host_ms_per_image'] > 0
-    assert saved['num_images'] == 4 and saved['replay']['images_per_s'] > 0
+    evaluation = saved['evaluation']
+    assert evaluation['overhead_ratio'] > 0 and evaluation['host_ms_per_image'] > 0
+    stages = evaluation['host_ms_per_image_by_stage']
+    assert set(stages) == {'load', 'preprocess', 'decode', 'metric', 'other'}
+    assert all(stages[k] > 0 for k in ('load', 'preprocess', 'decode', 'metric'))
+    assert sum(stages.values()) == pytest.approx(evaluation['host_ms_per_image'])
+    assert saved['num_images'] == 4 and len(saved['replay']['images_per_s_passes']) == 3
+    assert saved['replay']['images_per_s'] == sorted(saved['replay']['images_per_s_passes'])[1]
 
 
 def test_host_work_single_threaded_without_native_forward():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import nms
 
 MMCV_SPLIT_THR = 10000  # mmcv.ops.batched_nms: one NMS over class-offset boxes below this, per class above
 
@@ -106,21 +106,28 @@ def framework_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: tor
     """mmcv's `batched_nms` decisions with torchvision's NMS kernel: the first `max_keep` kept indices, by
     decreasing score. `scores` must be sorted in decreasing order.
 
-    Below mmcv's split threshold the classes are separated by offsetting the boxes by label * (max + 1); in
-    float32 that offset moves IoUs near the threshold, so it is reproduced rather than replaced by an exact
-    per-class NMS, which would keep or drop other boxes than mmyolo does.
+    mmcv separates the classes by offsetting the boxes by label * (max + 1), then runs one NMS below its split
+    threshold and one per class above it. In float32 that offset moves IoUs near the threshold, so it is
+    reproduced rather than replaced by an exact per-class NMS, which would keep or drop other boxes than mmyolo.
     Greedy NMS decides each box by the higher-scored boxes kept before it, so NMS over the best m candidates
     keeps exactly the first boxes the full NMS keeps; once that prefix holds `max_keep` boxes the rest of the
-    candidates cannot change the result, and they are never looked at.
+    candidates cannot change the result, and they are never looked at (the prefix doubles until then).
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64)
-    if len(boxes) >= MMCV_SPLIT_THR:
-        return batched_nms(boxes, scores, labels, iou)[:max_keep]
     shifted = boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]
-    prefix = max(2 * max_keep, 256)
+    per_class = len(boxes) >= MMCV_SPLIT_THR  # decided by the full candidate count, as mmcv does
+    prefix = 8 * max_keep  # on coco128 one NMS over this many usually suffices, cheaper than growing from less
     while True:
-        keep = nms(shifted[:prefix], scores[:prefix], iou)
+        keep = _per_class_nms(shifted[:prefix], scores[:prefix], labels[:prefix], iou) if per_class else \
+            nms(shifted[:prefix], scores[:prefix], iou)
         if len(keep) >= max_keep or prefix >= len(boxes):
             return keep[:max_keep]
         prefix *= 2
+
+
+def _per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """One NMS per class (mmcv's path above its split threshold); kept indices in decreasing score order."""
+    order = labels.argsort(stable=True)  # grouped by class, score order kept within each class
+    groups = order.split(torch.bincount(labels[order]).tolist())
+    return torch.cat([group[nms(boxes[group], scores[group], iou)] for group in groups if len(group)]).sort()[0]

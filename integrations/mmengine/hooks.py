@@ -64,18 +64,25 @@ class EvalRunner(Runner):
 @HOOKS.register_module()
 class ProgressBarHook(Hook):
     """A tqdm bar over the test iterations; also times the loop itself (`loop_s`: first batch to last, without
-    the set-up before it and the final metric computation after it)."""
+    the set-up before it and the final metric computation after it) and the part of it spent waiting for the
+    DataLoader (`load_s`: image loading and the pipeline, when no worker process does it ahead)."""
 
     priority = 'VERY_LOW'
     bar = None
     loop_s = 0.0
+    load_s = 0.0
 
     def before_test_epoch(self, runner) -> None:
         from tqdm import tqdm
         self.bar = tqdm(total=len(runner.test_dataloader), desc='evaluating', unit='batch')
-        self.start = time.perf_counter()
+        self.start = self.last_iter_end = time.perf_counter()
+        self.load_s = 0.0
+
+    def before_test_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self.load_s += time.perf_counter() - self.last_iter_end
 
     def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self.last_iter_end = time.perf_counter()
         self.bar.update(1)
         if self.bar.n >= self.bar.total:
             self.loop_s = time.perf_counter() - self.start

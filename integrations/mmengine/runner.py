@@ -146,9 +146,13 @@ def export_hook(runner):
     return next(h for h in runner.hooks if type(h).__name__ == 'ExportHook')
 
 
+def progress_hook(runner):
+    return next(h for h in runner.hooks if type(h).__name__ == 'ProgressBarHook')
+
+
 def loop_seconds(runner) -> float:
     """Seconds of the last test loop's iterations (ProgressBarHook times them)."""
-    return next(h for h in runner.hooks if type(h).__name__ == 'ProgressBarHook').loop_s
+    return progress_hook(runner).loop_s
 
 
 def run_test(runner) -> tuple[dict, float]:
@@ -162,9 +166,7 @@ def run_test(runner) -> tuple[dict, float]:
             raise UserError(f'data.img_dir: {err}; replace or remove that image') from None
         raise
     finally:
-        for hook in runner.hooks:
-            if type(hook).__name__ == 'ProgressBarHook':
-                hook.close()
+        progress_hook(runner).close()
     timings = export_hook(runner).report['timings']
     return metrics, time.perf_counter() - start - timings['export_s'] - timings['build_s']
 
