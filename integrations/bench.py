@@ -139,10 +139,15 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     # the evaluation loop on the same images against the bare session (batch 1, one instance): once
     # sequential, where the wall time not spent in the runtime call is the host's work, once overlapped
     bare = next(b for b in blocks if b['batch_size'] == 1 and b['instances'] == 1)
-    evaluator = runner.test_loop.evaluator
+    evaluator, loader = runner.test_loop.evaluator, runner.test_loop.dataloader
     evaluator.in_flight = 0
+    prefetch = getattr(loader, 'depth', 0)  # a PrefetchLoader's; nothing read ahead: every host stage in series
+    if prefetch:
+        loader.depth = 0
     run_test(runner)  # ExportHook attaches fresh sessions (a cache hit)
     sequential_s = loop_seconds(runner)
+    if prefetch:
+        loader.depth = prefetch
     device = evaluator.paths['device'][0]
     host_s = sequential_s - device.runtime_s
     stages = {'load': progress_hook(runner).load_s, **evaluator.host_s, 'decode': device.decode_s}

@@ -30,8 +30,8 @@ def test_submitted_batches_finish_in_order_with_their_own_results():
 
 def test_overlapped_loop_equals_sequential_loop(assets, demo_subset, tmp_path):
     data = ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']
-    overlapped = run(compose_cfg(*data, 'eval.overlap=true'), tmp_path / 'a')
-    sequential = run(compose_cfg(*data, 'eval.overlap=false'), tmp_path / 'b')
+    overlapped = run(compose_cfg(*data, 'eval.overlap=true', 'eval.prefetch=2'), tmp_path / 'a')
+    sequential = run(compose_cfg(*data, 'eval.overlap=false', 'eval.prefetch=0'), tmp_path / 'b')
     assert overlapped['device'] == sequential['device'] and overlapped['native'] == sequential['native']
     assert overlapped['fidelity'] == sequential['fidelity']
 

@@ -54,6 +54,18 @@ class EvalRunner(Runner):
         if self.logger.isEnabledFor(logging.INFO):
             super()._log_env(env_cfg)
 
+    @staticmethod
+    def build_dataloader(dataloader, seed=None, diff_rank_seed=False):
+        """mmengine's DataLoader; with `prefetch=N` in its config, iterated on a thread N batches ahead."""
+        from integrations.prefetch import PrefetchLoader
+
+        if isinstance(dataloader, dict) and 'prefetch' in dataloader:
+            dataloader = dict(dataloader)
+            depth = dataloader.pop('prefetch')
+            loader = Runner.build_dataloader(dataloader, seed, diff_rank_seed)
+            return PrefetchLoader(loader, depth) if depth else loader
+        return Runner.build_dataloader(dataloader, seed, diff_rank_seed)
+
     def wrap_model(self, model_wrapper_cfg, model):
         """Evaluation synchronizes no gradients, so every rank keeps the plain model (DistributedDataParallel
         would also insist on a GPU device id); only the device placement of the default path is kept."""

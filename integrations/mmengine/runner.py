@@ -74,6 +74,7 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     loader.batch_size = cfg.eval.batch_size
     loader.num_workers = cfg.eval.num_workers
     loader.persistent_workers = False
+    loader.prefetch = cfg.eval.get('prefetch', 0)
     loader.pin_memory = False
     dataset = loader.dataset
     dataset.data_root = ''
