@@ -60,9 +60,6 @@ class DeviceInference:
             inputs.detach().cpu().numpy().astype(np.float32, copy=False)
         return self.worker.submit(self._infer, batch, metas, native_maps)
 
-    def __call__(self, inputs: torch.Tensor, metas: list[dict], native_maps=None) -> list[dict[str, torch.Tensor]]:
-        return self.submit(inputs, metas, native_maps).result()
-
     def _infer(self, batch, metas: list[dict], native_maps) -> list[dict[str, torch.Tensor]]:
         start = time.perf_counter()
         raw_maps = self.session.run_paths(batch) if self.reads_paths else self.session.run(batch)
