@@ -48,6 +48,10 @@ def check_openimages_mlperf(ann_file: str, categories: list[dict]) -> None:
 def check_inputs(cfg: DictConfig) -> int:
     if cfg.engine.name not in ENGINES:
         raise UserError(f'engine={cfg.engine.name}: not available (choose from {", ".join(ENGINES)})')
+    for option, least in (('batch_size', 1), ('num_workers', 0), ('prefetch', 0)):
+        value = cfg.eval.get(option)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UserError(f'eval.{option}={value}: must be a whole number >= {least}')
     for option in ('img_dir', 'ann_file'):
         if cfg.data.get(option) in (None, '???') or cfg.data._get_node(option)._is_missing():
             raise UserError(f'data.{option} is required for data={cfg.data.name}: add data.{option}=PATH')

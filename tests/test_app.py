@@ -77,7 +77,7 @@ def _mismatched_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize('case', ['img_dir', 'ann_file', 'checkpoint', 'unreadable', 'mismatch', 'coco_no_paths',
-                                  'vacc_without_sdk', 'npz_without_outputs'])
+                                  'vacc_without_sdk', 'npz_without_outputs', 'negative_prefetch'])
 def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
     run_dir = tmp_path / 'run'
     args = {
@@ -89,12 +89,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
         'coco_no_paths': ['data=coco'],
         'vacc_without_sdk': ['runtime=vacc', 'precision=int8'],
         'npz_without_outputs': ['runtime=npz'],
+        'negative_prefetch': ['eval.prefetch=-1'],
     }[case]
     args = args() if callable(args) else args
     proc = run_cli(*args, f'hydra.run.dir={run_dir}')
     expected = {'img_dir': 'data.img_dir', 'ann_file': 'data.ann_file', 'checkpoint': 'model.checkpoint',
                 'unreadable': 'zidane.jpg', 'mismatch': 'missing keys', 'coco_no_paths': 'data.img_dir',
-                'vacc_without_sdk': 'vaststreamx', 'npz_without_outputs': 'runtime.output_dir'}[case]
+                'vacc_without_sdk': 'vaststreamx', 'npz_without_outputs': 'runtime.output_dir',
+                'negative_prefetch': 'eval.prefetch=-1'}[case]
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
