@@ -8,7 +8,8 @@ from pathlib import Path
 from mmdet.evaluation.metrics import CocoMetric
 from mmdet.registry import METRICS
 
-COCO_STATS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+from evaluators.mmengine import SUMMARY_KEYS
+
 
 
 @METRICS.register_module()
@@ -28,11 +29,11 @@ class OpenImagesMLPerfMetric(CocoMetric):
                 else None
         if detections is None:
             print('no detections at all: mAP=0.000%', flush=True)
-            return dict.fromkeys(COCO_STATS, 0.0)
+            return dict.fromkeys(SUMMARY_KEYS, 0.0)
         evaluation = COCOeval(self._coco_api, detections, iouType='bbox')
         evaluation.params.imgIds = self._coco_api.get_img_ids()
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
         print(f'mAP={100 * evaluation.stats[0]:.3f}%', flush=True)
-        return {key: float(value) for key, value in zip(COCO_STATS, evaluation.stats)}
+        return {key: float(value) for key, value in zip(SUMMARY_KEYS, evaluation.stats)}

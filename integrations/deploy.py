@@ -225,15 +225,17 @@ def image_pipeline(cfg):
 
 
 def loop_preprocessing(cfg, model):
-    """path -> float32 NCHW batch of one, through the config's test pipeline and the model's preprocessor."""
+    """path -> float32 NCHW batch of one, through the config's test pipeline and the model's preprocessor, as
+    the evaluation loop preprocesses (calibration, benchmarks)."""
     from mmengine.dataset import pseudo_collate
 
     pipeline = image_pipeline(cfg)
+    preprocessor = BatchPreprocessor(model.data_preprocessor)
 
     def preprocess(path: Path):
         data = pipeline(dict(img_path=str(path), img_id=0))
         with torch.no_grad():
-            return model.data_preprocessor(pseudo_collate([data]), False)['inputs'].numpy()
+            return preprocessor(pseudo_collate([data]), False)['inputs'].numpy()
 
     return preprocess
 

@@ -77,7 +77,7 @@ class EvalRunner(Runner):
 class ProgressBarHook(Hook):
     """A tqdm bar over the test iterations; also times the loop itself (`loop_s`: first batch to last, without
     the set-up before it and the final metric computation after it) and the part of it spent waiting for the
-    DataLoader (`load_s`: image loading and the pipeline, when no worker process does it ahead)."""
+    DataLoader (`load_s`: image loading and the pipeline, or only the wait when a thread or worker reads ahead)."""
 
     priority = 'VERY_LOW'
     bar = None
