@@ -1,11 +1,12 @@
 """Throughput of each precision of the ONNX Runtime path, measured in one process on the same images.
 
-    .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 5] [--threads 0] [--int8 OVERRIDE…]
+    .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 5] [--threads 0] [--spinning]
+                                        [--int8 "OVERRIDE …"]…
 
 Exports the YOLOv5s once, builds fp32, fp16 and int8 (the default conf/precision/int8.yaml, calibrated on the
-demo images) and times `session.run` on the same preprocessed images (batch 1), after a warm-up, in passes
-interleaved across precisions (median pass reported). Prints images/s and the ratio to fp32. No figure here is
-asserted anywhere: this is a measurement.
+demo images; each `--int8` adds a variant with those Hydra overrides) and times `session.run` on the same
+preprocessed images (batch 1), after a warm-up, in passes interleaved across precisions (median pass
+reported). Prints images/s and the ratio to fp32. No figure here is asserted anywhere: this is a measurement.
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ def main() -> None:
     parser.add_argument('--num', type=int, default=32)
     parser.add_argument('--passes', type=int, default=5)
     parser.add_argument('--threads', type=int, default=0)
-    parser.add_argument('--int8', nargs='*', default=[], metavar='OVERRIDE',
-                        help='extra Hydra overrides for the int8 variant, e.g. precision.format=qoperator')
+    parser.add_argument('--spinning', action='store_true',
+                        help="ONNX Runtime's threads busy-wait between calls (its default; the evaluation loop's is off)")
+    parser.add_argument('--int8', action='append', default=[], metavar='"OVERRIDE …"',
+                        help='an int8 variant to measure too, e.g. "precision.raw_map_convs=float"')
     args = parser.parse_args()
 
     import torch
@@ -51,24 +54,27 @@ def main() -> None:
     images = sorted(Path(args.images).glob('*.jpg'))[:args.num] or sorted((ROOT / 'data/demo/images').iterdir())
     batches = [preprocess(p) for p in images]
 
+    variants = {'fp32': ['precision=fp32'], 'fp16': ['precision=fp16'], 'int8': ['precision=int8']}
+    variants.update({f'int8 {v}': ['precision=int8', *v.split()] for v in args.int8})
     with initialize_config_dir(str(ROOT / 'conf'), version_base='1.3'):
-        precisions = {name: OmegaConf.to_container(
-            compose('config', [f'precision={name}', *(args.int8 if name == 'int8' else [])]).precision,
-            resolve=True) for name in ('fp32', 'fp16', 'int8')}
+        precisions = {name: OmegaConf.to_container(compose('config', overrides).precision, resolve=True)
+                      for name, overrides in variants.items()}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         with cut_head(model):
             export_onnx(RawMapGraph(model), torch.rand(1, 3, 640, 640), out / 'model.onnx', 'raw_map')
         sessions = {}
-        for name, precision in precisions.items():
-            runtime = get_runtime('onnx', precision=precision, intra_op_threads=args.threads)
+        for i, (name, precision) in enumerate(precisions.items()):
+            runtime = get_runtime('onnx', precision=precision, intra_op_threads=args.threads,
+                                  allow_spinning=args.spinning)
             calibration = None
-            if name == 'int8':
+            if precision['name'] == 'int8':
                 settings = precision['calibration']
                 paths, _ = select_images(settings['data'], settings['num_images'], settings['seed'], set(images))
                 calibration = CalibrationReader(paths, preprocess)
-            keep = keep_float_names(get_family('yolov5'), model, precision)
-            sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out, calibration, keep))
+            keep_float = keep_float_names(get_family('yolov5'), model, precision)
+            (out / str(i)).mkdir()
+            sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out / str(i), calibration, keep_float))
 
         # passes interleaved across precisions, median pass per precision: drift of the machine (clock,
         # neighbours) then hits every precision alike instead of whichever happened to run at the time
@@ -84,10 +90,12 @@ def main() -> None:
                 pass_rates[name].append(len(batches) / (time.perf_counter() - start))
         speed = {name: statistics.median(rates) for name, rates in pass_rates.items()}
 
-    print(f'onnxruntime CPU, {len(batches)} images x {args.passes} passes, batch 1, threads={args.threads or "auto"}')
-    print(f"{'precision':<10}{'images/s':>10}{'ms/image':>10}{'vs fp32':>9}")
+    print(f'onnxruntime CPU, {len(batches)} images x {args.passes} passes, batch 1, '
+          f'threads={args.threads or "auto"}, spinning={"on" if args.spinning else "off"}')
+    width = max(map(len, speed)) + 2
+    print(f"{'precision':<{width}}{'images/s':>10}{'ms/image':>10}{'vs fp32':>9}")
     for name, ips in speed.items():
-        print(f"{name:<10}{ips:>10.2f}{1000 / ips:>10.1f}{ips / speed['fp32']:>8.2f}x")
+        print(f"{name:<{width}}{ips:>10.2f}{1000 / ips:>10.1f}{ips / speed['fp32']:>8.2f}x")
 
 
 if __name__ == '__main__':

@@ -34,10 +34,10 @@ class NativeTaps:
 class DeviceInference:
     """A runtime session plus the family's decoder; accumulates runtime seconds and raw-map fidelity.
 
-    `submit` runs the runtime call and the host decoding of its raw maps on a worker thread (runtimes and
-    torch's kernels release the GIL while they compute), so the caller loads and preprocesses the next batches
-    meanwhile; `Future.result()` gives the detections. Batches run one at a time and in order, so results equal
-    the sequential loop's.
+    `submit` queues the batch for the runtime call on one worker thread and the host decoding of its raw maps on
+    a second one: the device runs batch k while the host decodes batch k-1 and the caller loads and scores
+    others (runtimes and torch's kernels release the GIL while they compute); `Future.result()` gives the
+    detections. Each stage takes its batches one at a time and in order, so results equal the sequential loop's.
     """
 
     def __init__(self, session, decoder):
@@ -46,7 +46,8 @@ class DeviceInference:
         self.runtime_s = 0.0
         self.decode_s = 0.0
         self.fidelity: dict | None = None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='runtime')
+        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix='runtime')
+        self.decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix='decode')
 
     @property
     def reads_paths(self) -> bool:
@@ -58,12 +59,17 @@ class DeviceInference:
         compared with the runtime's."""
         batch = [meta['img_path'] for meta in metas] if self.reads_paths else \
             inputs.detach().cpu().numpy().astype(np.float32, copy=False)
-        return self.worker.submit(self._infer, batch, metas, native_maps)
+        raw_maps = self.runner.submit(self._run, batch)
+        return self.decoding.submit(self._decode, raw_maps, metas, native_maps)
 
-    def _infer(self, batch, metas: list[dict], native_maps) -> list[dict[str, torch.Tensor]]:
+    def _run(self, batch) -> list[np.ndarray]:
         start = time.perf_counter()
         raw_maps = self.session.run_paths(batch) if self.reads_paths else self.session.run(batch)
         self.runtime_s += time.perf_counter() - start
+        return raw_maps
+
+    def _decode(self, raw_maps: Future, metas: list[dict], native_maps) -> list[dict[str, torch.Tensor]]:
+        raw_maps = raw_maps.result()
         if native_maps:
             diff = compare_maps(native_maps, raw_maps)
             if self.fidelity is None:

@@ -44,8 +44,8 @@ class DeviceEvaluator(Evaluator):
         self.preprocessor = None
         self.compare_native = True
         self.host_s = {'preprocess': 0.0, 'metric': 0.0}  # the loop's host work, besides loading and decoding
-        # overlap: batch k runs and is decoded on the worker while the loop scores batch k-1 and loads batch k+1
-        self.in_flight = 1 if overlap else 0
+        # overlap: batch k runs while batch k-1 is decoded and the loop scores batch k-2 and loads batch k+1
+        self.in_flight = 2 if overlap else 0
         self.pending: deque = deque()
 
     @property

@@ -140,7 +140,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     # sequential, where the wall time not spent in the runtime call is the host's work, once overlapped
     bare = next(b for b in blocks if b['batch_size'] == 1 and b['instances'] == 1)
     evaluator, loader = runner.test_loop.evaluator, runner.test_loop.dataloader
-    evaluator.in_flight = 0
+    in_flight, evaluator.in_flight = evaluator.in_flight, 0
     prefetch = getattr(loader, 'depth', 0)  # a PrefetchLoader's; nothing read ahead: every host stage in series
     if prefetch:
         loader.depth = 0
@@ -156,7 +156,7 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     # the overlapped loop, and the ratio is taken against their mean
     session, one_by_one = runtime.load(artifact), [prepare(image) for image in images]
     bare_before = measure([session], lambda batch: batch, one_by_one, len(images))['throughput_qps']
-    evaluator.in_flight = 1
+    evaluator.in_flight = in_flight
     run_test(runner)
     eval_s = loop_seconds(runner)
     bare_after = measure([session], lambda batch: batch, one_by_one, len(images))['throughput_qps']

@@ -28,6 +28,30 @@ def test_submitted_batches_finish_in_order_with_their_own_results():
     assert inference.runtime_s > 0
 
 
+def test_runtime_runs_the_next_batch_while_the_host_decodes():
+    """The device must not sit idle while the host decodes: batch 1's runtime call happens during batch 0's
+    decoding (on one thread for both, batch 0's decoding would wait for it in vain)."""
+    import threading
+
+    second_call = threading.Event()
+
+    class Session:
+        calls = 0
+
+        def run(self, batch):
+            Session.calls += 1
+            if Session.calls == 2:
+                second_call.set()
+            return [batch]
+
+    def decoder(maps, metas):
+        return [second_call.wait(timeout=10)]
+
+    inference = DeviceInference(Session(), decoder)
+    futures = [inference.submit(torch.zeros(1, 3, 2, 2), [{}]) for _ in range(2)]
+    assert futures[0].result() == [True]
+
+
 def test_overlapped_loop_equals_sequential_loop(assets, demo_subset, tmp_path):
     data = ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']
     overlapped = run(compose_cfg(*data, 'eval.overlap=true', 'eval.prefetch=2'), tmp_path / 'a')

@@ -9,7 +9,7 @@ import torch
 from mmdet.structures import DetDataSample
 from mmengine.dataset import pseudo_collate
 
-from evaluators.preprocess import BatchPreprocessor
+from evaluators.preprocess import BatchPreprocessor, pack_as_view
 from integrations.config import ROOT
 
 DEMO_IMAGES = ROOT / 'data' / 'demo' / 'images'
@@ -28,19 +28,30 @@ def _assert_same(framework, data, training=False):
 
 @pytest.mark.parametrize('config', ['yolov5', 'retinanet'])
 def test_equals_the_config_preprocessor_on_real_images(config, assets):
-    """YOLOv5's letterbox (mean 0, std 255, BGR->RGB) and the MLPerf RetinaNet's ImageNet normalization."""
+    """YOLOv5's letterbox (mean 0, std 255, BGR->RGB) and the MLPerf RetinaNet's ImageNet normalization, with
+    the images packed by mmdet's PackDetInputs (CHW copies) and by PackDetInputsView (views of the HWC arrays)."""
     from integrations.deploy import image_pipeline
     from integrations.mmengine.runner import load_model_config
     from mmengine.registry import MODELS, DefaultScope
 
     path = assets.YOLOV5S_CONFIG if config == 'yolov5' else str(ROOT / 'configs' / 'mlperf_retinanet_800.py')
     cfg = load_model_config(path)
-    pipeline = image_pipeline(cfg)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmyolo')):
         framework = MODELS.build(cfg.model.data_preprocessor)
     images = [DEMO_IMAGES / 'bus.jpg', DEMO_IMAGES / 'zidane.jpg']
-    data = pseudo_collate([pipeline(dict(img_path=str(p), img_id=i)) for i, p in enumerate(images)])
-    _assert_same(framework, data)
+    packed = {}
+    for packing in ('copy', 'view'):
+        if packing == 'view':
+            dataset = cfg.test_dataloader.dataset
+            dataset.pipeline = pack_as_view(dataset.pipeline)
+        pipeline = image_pipeline(cfg)
+        packed[packing] = pseudo_collate([pipeline(dict(img_path=str(p), img_id=i)) for i, p in enumerate(images)])
+        _assert_same(framework, packed[packing])
+    for copied, view in zip(packed['copy']['inputs'], packed['view']['inputs']):
+        assert copied.is_contiguous() and not view.is_contiguous() and torch.equal(copied, view)
+    for copied, view in zip(packed['copy']['data_samples'], packed['view']['data_samples']):
+        assert copied.metainfo.keys() == view.metainfo.keys()
+        assert all(np.array_equal(copied.metainfo[k], view.metainfo[k]) for k in copied.metainfo)
 
 
 def test_pads_mixed_sizes_with_the_pad_value():
