@@ -5,45 +5,39 @@ channels with fancy indexing, casts, subtracts, divides, pads and stacks, each i
 640x640 image on one core. Writing each channel plane once into the preallocated batch, normalized on the way,
 gives the same tensor and metainfo (tested equal) in ≈1 ms. Inputs it does not cover go to the framework's own.
 
-`PackDetInputsView` is mmdet's `PackDetInputs` without its CHW copy of the image (≈1.3 ms for 640x640): the
-packed image is a CHW view of the decoded HWC array, whose planes this preprocessor splits out itself.
+`PackDetInputsFast` is mmdet's `PackDetInputs` with the HWC -> CHW copy of the image done by OpenCV's channel
+split (one vectorized pass, ≈0.1 ms for 640x640) instead of torch's strided permute copy (≈0.5-1.3 ms).
 """
 from __future__ import annotations
 
 import math
 
 import cv2
+import numpy as np
 import torch
 from mmdet.datasets.transforms import PackDetInputs
 from mmdet.registry import TRANSFORMS
 
 
 @TRANSFORMS.register_module()
-class PackDetInputsView(PackDetInputs):
-    """PackDetInputs whose `inputs` is `torch.from_numpy(img).permute(2, 0, 1)`: equal values, no copy."""
+class PackDetInputsFast(PackDetInputs):
+    """PackDetInputs whose `inputs` (a contiguous CHW uint8 tensor, equal to mmdet's) comes from `cv2.split`."""
 
     def transform(self, results: dict) -> dict:
         img = results.get('img')
-        if img is None or img.ndim != 3 or not img.flags.c_contiguous:
+        if img is None or img.ndim != 3 or img.dtype != np.uint8:
             return super().transform(results)
+        chw = np.empty((img.shape[2], *img.shape[:2]), np.uint8)
+        cv2.split(img, list(chw))  # writes each plane into its row of `chw`
         packed = super().transform({k: v for k, v in results.items() if k != 'img'})
-        packed['inputs'] = torch.from_numpy(img).permute(2, 0, 1)
+        packed['inputs'] = torch.from_numpy(chw)
         return packed
 
 
-def pack_as_view(pipeline: list) -> list:
-    """The pipeline config with mmdet's PackDetInputs replaced by PackDetInputsView (same arguments)."""
-    return [{**step, 'type': 'mmdet.PackDetInputsView'} if step['type'] in ('PackDetInputs', 'mmdet.PackDetInputs')
+def fast_packing(pipeline: list) -> list:
+    """The pipeline config with mmdet's PackDetInputs replaced by PackDetInputsFast (same arguments)."""
+    return [{**step, 'type': 'mmdet.PackDetInputsFast'} if step['type'] in ('PackDetInputs', 'mmdet.PackDetInputs')
             else step for step in pipeline]
-
-
-def _planes(image: torch.Tensor) -> list[torch.Tensor]:
-    """The three (H, W) planes of a CHW uint8 image, contiguous: split out of an HWC view by OpenCV (one pass,
-    several times faster than torch's strided copies), else the image's own rows."""
-    hwc = image.permute(1, 2, 0)
-    if hwc.is_contiguous():
-        return [torch.from_numpy(plane) for plane in cv2.split(hwc.numpy())]
-    return list(image.unbind(0))
 
 
 class BatchPreprocessor:
@@ -85,7 +79,7 @@ class BatchPreprocessor:
             h, w = image.shape[1:]
             if (h, w) != (height, width):
                 out.fill_(pre.pad_value)  # the padding is in normalized units, as stack_batch pads
-            planes = _planes(image)
+            planes = list(image.unbind(0))
             if pre._channel_conversion:
                 planes.reverse()
             for c, plane in enumerate(planes):

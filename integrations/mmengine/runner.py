@@ -68,7 +68,7 @@ def first_images(ann_file: Path, num_images: int, output_dir: Path) -> Path:
 
 def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     """The model's mmengine config, pointed at `cfg.data` and extended with the export/device pieces."""
-    from evaluators.preprocess import pack_as_view  # also registers PackDetInputsView
+    from evaluators.preprocess import fast_packing  # also registers PackDetInputsFast
 
     family = get_family(cfg.model.family)
     mm_cfg = load_model_config(cfg.model.config)
@@ -85,7 +85,7 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     if cfg.eval.get('num_images'):  # the first N images, for the dataset and the metric alike
         dataset.ann_file = str(first_images(Path(dataset.ann_file), cfg.eval.num_images, output_dir))
     family.prepare_config(mm_cfg, cfg.eval)
-    dataset.pipeline = pack_as_view(dataset.pipeline)
+    dataset.pipeline = fast_packing(dataset.pipeline)
     if cfg.model.get('init_seed') is not None and not cfg.model.checkpoint:
         mm_cfg.model.init_seed = cfg.model.init_seed  # random weights, reproducibly
 
