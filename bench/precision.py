@@ -39,7 +39,7 @@ def main() -> None:
 
     from integrations import assets
     from integrations.config import register_resolvers
-    from integrations.deploy import keep_float_names, loop_preprocessing
+    from integrations.deploy import loop_preprocessing, raw_map_conv_handling
     from integrations.export import RawMapGraph, export_onnx
     from integrations.mmengine.runner import build_model, load_model_config
     from integrations.models import get_family
@@ -72,9 +72,10 @@ def main() -> None:
                 settings = precision['calibration']
                 paths, _ = select_images(settings['data'], settings['num_images'], settings['seed'], set(images))
                 calibration = CalibrationReader(paths, preprocess)
-            keep_float = keep_float_names(get_family('yolov5'), model, precision)
+            keep_float, equalize = raw_map_conv_handling(get_family('yolov5'), model, precision)
             (out / str(i)).mkdir()
-            sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out / str(i), calibration, keep_float))
+            sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out / str(i), calibration, keep_float,
+                                                        equalize))
 
         # passes interleaved across precisions, median pass per precision: drift of the machine (clock,
         # neighbours) then hits every precision alike instead of whichever happened to run at the time

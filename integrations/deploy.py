@@ -92,12 +92,12 @@ class DeviceBuild:
         reference = get_runtime(self.runtime_cfg['name'], precision={'name': self.reference}, **options) \
             if self.reference else None
         calibration, self.calibration_info = self._calibration(model, mm_cfg, dataset)
-        keep_float = keep_float_names(self.family, model, self.precision)
+        keep_float, equalize = raw_map_conv_handling(self.family, model, self.precision)
         preprocessing = self.family.device_preprocessing(mm_cfg)
 
         def build(out_dir: Path) -> None:
             build_artifacts(model, self.family, shape, out_dir, self.export_cfg, runtime, reference,
-                            calibration, keep_float, preprocessing)
+                            calibration, keep_float, equalize, preprocessing)
 
         if self.cache is None:
             shutil.rmtree(self.out_dir, ignore_errors=True)
@@ -105,7 +105,7 @@ class DeviceBuild:
             build(self.out_dir)
             entry, cache_state = self.out_dir, 'off'
         else:
-            key = content_key(self._key_parts(model, mm_cfg, shape, runtime, keep_float))
+            key = content_key(self._key_parts(model, mm_cfg, shape, runtime, [keep_float, equalize]))
             entry, hit = self.cache.get_or_build(key, build, describe={
                 'model': self.family_name, 'config': mm_cfg.filename, 'shape': shape,
                 'runtime': self.runtime_cfg['name'], 'precision': self.precision['name'],
@@ -113,7 +113,7 @@ class DeviceBuild:
             cache_state = 'hit' if hit else 'miss'
         return entry, json.loads((entry / BUILD_REPORT).read_text()), cache_state, runtime, reference
 
-    def _key_parts(self, model, mm_cfg, shape, runtime, keep_float) -> dict:
+    def _key_parts(self, model, mm_cfg, shape, runtime, raw_map_convs) -> dict:
         """Everything that shapes the artifacts, and nothing that only shapes the evaluation (thresholds)."""
         import onnx
         import onnxslim
@@ -122,7 +122,7 @@ class DeviceBuild:
         calibrated = bool(self.calibration_info)
         return {'weights': state_digest(model), 'model': model_cfg, 'family': self.family_name,
                 'shape': shape, 'export': self.export_cfg, 'runtime': self.runtime_cfg,
-                'precision': self.precision, 'reference': self.reference, 'keep_float': keep_float,
+                'precision': self.precision, 'reference': self.reference, 'raw_map_convs': raw_map_convs,
                 'calibration': self.calibration_info.get('calibration_digest'),
                 'preprocessing': str(mm_cfg.test_dataloader.dataset.pipeline) if calibrated else None,
                 'versions': {'runtime': runtime.version(), 'torch': torch.__version__,
@@ -159,7 +159,7 @@ BUILD_FORMAT = 3  # bump when what build_artifacts writes changes
 
 
 def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runtime, reference, calibration,
-                    keep_float, preprocessing) -> None:
+                    keep_float, equalize, preprocessing) -> None:
     """Export (checked against PyTorch) and build into `out_dir`, and describe it in build.json with paths
     relative to `out_dir`, so the directory can move (the cache renames it into place)."""
     onnx_path = out_dir / 'model.onnx'
@@ -183,7 +183,7 @@ def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runti
 
     start = time.perf_counter()
     artifact = runtime.build(onnx_path, out_dir, calibration=calibration, keep_float=keep_float,
-                             preprocessing=preprocessing, shape=shape)
+                             equalize=equalize, preprocessing=preprocessing, shape=shape)
     built = {'device': {'file': _relative(artifact.path, out_dir), 'info': artifact.info}}
     files['runtime'] = built['device']['file']
     files.update(artifact.files)
@@ -240,9 +240,9 @@ def loop_preprocessing(cfg, model):
     return preprocess
 
 
-def keep_float_names(family, model, precision: dict) -> list[str]:
-    """Module names of the raw-map convs when the precision keeps them in float, else none."""
-    if not precision.get('keep_raw_map_convs_float'):
-        return []
+def raw_map_conv_handling(family, model, precision: dict) -> tuple[list[str], list[str]]:
+    """`precision.raw_map_convs` as module names for the runtime's build: (kept in float, equalized)."""
+    choice = precision.get('raw_map_convs')
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(m)] for m in family.raw_map_modules(model)]
+    modules = [names[id(m)] for m in family.raw_map_modules(model)]
+    return (modules if choice == 'float' else []), (modules if choice == 'equalized' else [])

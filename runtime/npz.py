@@ -29,8 +29,8 @@ class Runtime:
     def version() -> str:
         return 'vamp npz outputs'
 
-    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float=(), preprocessing=None,
-              shape=None) -> Artifact:
+    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float=(), equalize=(),
+              preprocessing=None, shape=None) -> Artifact:
         """Nothing to build: the export only tells the shapes of the maps to read."""
         return Artifact(self.output_dir.resolve(), {'name': self.precision['name'], 'source': 'vamp outputs',
                                                     'datalist': str(self.datalist.resolve()),

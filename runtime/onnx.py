@@ -51,6 +51,50 @@ def nodes_matching(model, patterns: list[str]) -> list[str]:
     return matched
 
 
+def equalize_output_channels(model, session_path: Path, reader, modules: list[str]) -> list[str]:
+    """Scale the output channels of the named modules' Convs to one range, undone by a float Mul after each.
+
+    A raw map that stacks box offsets and class logits in one tensor gets one activation range spanning both,
+    too coarse for each; with every channel scaled to a largest magnitude of 1 over the calibration images, the
+    single range fits every channel, as per-channel output ranges would. A module that runs once per level is
+    one weight shared by several Convs: they share the scales. `model` (saved at `session_path`) is changed in
+    place; the Conv outputs must be graph outputs (raw maps are). Returns the Mul nodes, to keep in float."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    matched = set(nodes_matching(model, modules))
+    shared = {}  # weight name -> its Convs
+    for node in model.graph.node:
+        if node.name in matched and node.op_type == 'Conv':
+            shared.setdefault(node.input[1], []).append(node)
+    outputs = [conv.output[0] for convs in shared.values() for conv in convs]
+    session = ort.InferenceSession(str(session_path), providers=['CPUExecutionProvider'])
+    largest = dict.fromkeys(outputs, 0.0)
+    reader.rewind()
+    while (inputs := reader.get_next()) is not None:
+        for name, value in zip(outputs, session.run(outputs, inputs)):
+            largest[name] = np.maximum(largest[name], np.abs(value).max(axis=(0, 2, 3)))
+    reader.rewind()
+    initializers = {i.name: i for i in model.graph.initializer}
+    rescales = []
+    for weight, convs in shared.items():
+        magnitude = np.max([largest[conv.output[0]] for conv in convs], axis=0)
+        magnitude = np.where(magnitude > 0, magnitude, 1).astype(np.float32)
+        for name in convs[0].input[1:]:  # weight and bias
+            array = numpy_helper.to_array(initializers[name])
+            scaled = array / magnitude.reshape(-1, *[1] * (array.ndim - 1))
+            initializers[name].CopyFrom(numpy_helper.from_array(scaled.astype(array.dtype), name))
+        scale = f'{weight}.channel_magnitude'
+        model.graph.initializer.append(numpy_helper.from_array(magnitude.reshape(1, -1, 1, 1), scale))
+        for conv in convs:
+            output = conv.output[0]
+            conv.output[0] = f'{output}_equalized'
+            rescale = helper.make_node('Mul', [conv.output[0], scale], [output], name=f'{conv.name}_rescale')
+            model.graph.node.insert(list(model.graph.node).index(conv) + 1, rescale)
+            rescales.append(rescale.name)
+    return rescales
+
+
 class Runtime:
     """ONNX Runtime, CPU execution provider."""
 
@@ -73,6 +117,9 @@ class Runtime:
                                 'must be in (0, 100]')
             if self.precision['format'] not in ('qdq', 'qoperator'):
                 raise UserError(f"precision.format={self.precision['format']}: use qdq or qoperator")
+            if self.precision['raw_map_convs'] not in ('equalized', 'float', 'int8'):
+                raise UserError(f"precision.raw_map_convs={self.precision['raw_map_convs']}: "
+                                'use equalized, float or int8')
 
     @staticmethod
     def version() -> str:
@@ -80,9 +127,11 @@ class Runtime:
         return onnxruntime.__version__
 
     def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float: list[str] = (),
-              preprocessing=None, shape=None) -> Artifact:
-        """The model file to run: the export itself (fp32), an fp16 copy, or a statically quantized copy.
-        (`preprocessing` and `shape` are for runtimes that preprocess on the device; ORT runs on the host's.)"""
+              equalize: list[str] = (), preprocessing=None, shape=None) -> Artifact:
+        """The model file to run: the export itself (fp32), an fp16 copy, or a statically quantized copy, with
+        the `keep_float` modules in float and the `equalize` convs' output channels scaled to one range (see
+        equalize_output_channels). (`preprocessing` and `shape` are for runtimes that preprocess on the device;
+        ORT runs on the host's.)"""
         import onnx
 
         name = self.precision['name']
@@ -94,9 +143,10 @@ class Runtime:
             out = out_dir / 'model_fp16.onnx'
             onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(out))
             return Artifact(out, {'name': 'fp16', 'io': 'float32'})
-        return self._quantize(onnx_path, out_dir, calibration, list(keep_float))
+        return self._quantize(onnx_path, out_dir, calibration, list(keep_float), list(equalize))
 
-    def _quantize(self, onnx_path: Path, out_dir: Path, calibration, keep_float: list[str]) -> Artifact:
+    def _quantize(self, onnx_path: Path, out_dir: Path, calibration, keep_float: list[str],
+                  equalize: list[str]) -> Artifact:
         import onnx
         from onnxruntime.quantization import (
             CalibrationMethod,
@@ -113,9 +163,12 @@ class Runtime:
         method = getattr(CalibrationMethod, CALIBRATION_METHODS[p['calibration']['method']])
         prepared = out_dir / 'model_prep.onnx'
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared))
+        rescales = equalize_output_channels(graph, prepared, calibration, equalize) if equalize else []
+        onnx.save(graph, str(prepared))
         ranges = out_dir / 'calibration.json'
         self._calibrate(prepared, calibration, method, symmetric, ranges)
-        excluded = nodes_matching(onnx.load(str(prepared)), [*keep_float, *p['exclude']])
+        excluded = nodes_matching(graph, [*keep_float, *p['exclude']]) + rescales
         out = out_dir / 'model_int8.onnx'
         quantize_static(
             str(prepared), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges),
@@ -127,7 +180,7 @@ class Runtime:
         prepared.unlink()
         return Artifact(out, {'name': 'int8', 'method': p['calibration']['method'],
                               'num_images': len(calibration.paths), 'calibration_ranges': ranges.name,
-                              'excluded_nodes': excluded,
+                              'excluded_nodes': excluded, 'equalized_convs': equalize,
                               'per_channel': bool(p['per_channel']), 'format': p['format'],
                               'activation_symmetric': symmetric,
                               'percentile': float(p['calibration']['percentile'])})

@@ -160,11 +160,11 @@ class Runtime:
                                  'process_ops': process_ops(preprocessing)}
         return config
 
-    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float=(), preprocessing=None,
-              shape=None) -> Artifact:
+    def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float=(), equalize=(),
+              preprocessing=None, shape=None) -> Artifact:
         """Write vamc.yaml and vdsp_params.json beside the export (int8: with a copy of the calibration images,
-        as JPEG), then compile unless told not to or given a compiled model. `keep_float` is not applied: the
-        vamc build config has no verified key for it."""
+        as JPEG), then compile unless told not to or given a compiled model. `keep_float` and `equalize` are
+        not applied: the vamc build config has no verified key for them."""
         import yaml
 
         if preprocessing is None or shape is None:
@@ -182,7 +182,8 @@ class Runtime:
         write_json(out_dir / 'vdsp_params.json', vdsp_params(preprocessing, self.resize_type))
         info = {'name': self.precision['name'], 'vamc_yaml': 'vamc.yaml', 'vdsp_params': 'vdsp_params.json',
                 'resize_type': self.resize_type, 'batch_size': self.batch_size,
-                'output_shapes': output_shapes(onnx_path), 'keep_float_ignored': list(keep_float)}
+                'output_shapes': output_shapes(onnx_path), 'keep_float_ignored': list(keep_float),
+                'equalize_ignored': list(equalize)}
         if self.precision['name'] == 'int8':
             info.update(method=self.precision['calibration']['method'], num_images=len(calibration.paths),
                         per_channel=bool(self.precision['per_channel']))

@@ -15,7 +15,7 @@ from runtime.calibration import CalibrationReader
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 INT8 = dict(name='int8', calibration=dict(method='max', percentile=99.999, num_images=2, seed=0, data=''),
-            per_channel=True, format='qdq', activation_symmetric=False, keep_raw_map_convs_float=True, exclude=[])
+            per_channel=True, format='qdq', activation_symmetric=False, raw_map_convs='float', exclude=[])
 
 
 @pytest.fixture(scope='module')
@@ -32,7 +32,10 @@ def exported(yolov5s, assets, tmp_path_factory):
     return out, preprocess, image, fp32.load(fp32.build(out / 'model.onnx', out)).run(image)
 
 
-def _int8(exported, tmp_dir, **changes):
+RAW_MAP_CONVS = [f'bbox_head.head_module.convs_pred.{i}' for i in range(3)]
+
+
+def _int8(exported, tmp_dir, raw_maps=None, **changes):
     out, preprocess, _, _ = exported
     precision = json.loads(json.dumps(INT8))
     for key, value in changes.items():
@@ -40,8 +43,8 @@ def _int8(exported, tmp_dir, **changes):
         target[key] = value
     runtime = get_runtime('onnx', precision=precision)
     reader = CalibrationReader([DEMO_IMAGES / 'zidane.jpg', DEMO_IMAGES / 'horses.jpg'], preprocess)
-    return runtime, runtime.build(out / 'model.onnx', tmp_dir, calibration=reader,
-                                  keep_float=[f'bbox_head.head_module.convs_pred.{i}' for i in range(3)])
+    raw_maps = {'keep_float': RAW_MAP_CONVS} if raw_maps is None else raw_maps
+    return runtime, runtime.build(out / 'model.onnx', tmp_dir, calibration=reader, **raw_maps)
 
 
 @pytest.mark.parametrize('method', ['max', 'kl_divergence', 'percentile'])
@@ -51,6 +54,28 @@ def test_each_method_gives_a_model_close_to_fp32(exported, tmp_path, method):
     assert [m.shape for m in maps] == [m.shape for m in exported[3]]
     assert compare_maps(exported[3], maps)['min_cosine'] > 0.99
     assert artifact.info['method'] == method and len(artifact.info['excluded_nodes']) == 3
+
+
+def test_equalized_raw_map_convs_are_int8_in_one_range_and_restored_in_float(exported, tmp_path):
+    """Equalizing scales each raw-map channel to a largest magnitude of 1 on the calibration images, so the
+    convs' quantized outputs share one range [-1, 1] that fits box offsets and logits alike; a float Mul
+    restores the raw maps."""
+    import onnx
+
+    runtime, artifact = _int8(exported, tmp_path, raw_maps={'equalize': RAW_MAP_CONVS})
+    assert artifact.info['equalized_convs'] == RAW_MAP_CONVS
+    graph = onnx.load(str(artifact.path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    rescales = [n for n in graph.node if n.name.endswith('_rescale')]
+    assert len(rescales) == 3 and all(n.op_type == 'Mul' for n in rescales)
+    # the convs' outputs are quantized (Conv -> Q -> DQ -> Mul) and the Mul gives the raw map in float
+    assert all(producers[n.input[0]].op_type == 'DequantizeLinear' for n in rescales)
+    assert {n.output[0] for n in rescales} == {o.name for o in graph.output}
+    ranges = json.loads((tmp_path / 'calibration.json').read_text())['data']
+    for rescale in rescales:
+        low, high = (np.asarray(ranges[f'{rescale.output[0]}_equalized'][k]['data']) for k in ('lowest', 'highest'))
+        assert max(-low.min(), high.max()) == pytest.approx(1, abs=1e-5)
+    assert compare_maps(exported[3], runtime.load(artifact).run(exported[2]))['min_cosine'] > 0.99
 
 
 def test_calibration_is_reproducible(exported, tmp_path):
@@ -71,7 +96,8 @@ def test_fp16_model_runs_close_to_fp32(exported, tmp_path):
 
 @pytest.mark.parametrize('changes,message', [
     (dict(method='mse'), 'runtime=onnx supports max, kl_divergence, percentile'),
-    (dict(percentile=100.5), 'percentile=100.5'), (dict(format='qlinear'), 'precision.format=qlinear')])
+    (dict(percentile=100.5), 'percentile=100.5'), (dict(format='qlinear'), 'precision.format=qlinear'),
+    (dict(raw_map_convs='fp16'), 'precision.raw_map_convs=fp16: use equalized, float or int8')])
 def test_bad_int8_options(changes, message):
     precision = json.loads(json.dumps(INT8))
     for key, value in changes.items():
@@ -95,3 +121,56 @@ def test_fp16_and_int8_cost_on_coco128(coco128, tmp_path):
     assert int8['precision_details']['calibration_disjoint']
     assert int8['delta']['device_minus_reference'] >= -0.010, int8['delta']
     assert int8['reference']['bbox_mAP'] == fp16['reference']['bbox_mAP']
+
+
+def test_equalizing_a_conv_shared_by_levels_keeps_its_outputs(tmp_path):
+    """A head conv that runs once per level (RetinaNet's) is one weight under several Convs: one set of channel
+    scales, taken over all of its outputs, and every output restored by its own Mul."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.onnx import equalize_output_channels
+
+    rng = np.random.default_rng(0)
+    spread = np.array([1, 10, 0.1, 3]).reshape(4, 1, 1, 1)  # channels of very different magnitudes
+    weight = numpy_helper.from_array((rng.normal(size=(4, 2, 1, 1)) * spread).astype(np.float32), 'head.cls.weight')
+    bias = numpy_helper.from_array(np.array([0, 5, -1, 0], np.float32), 'head.cls.bias')
+    convs = [helper.make_node('Conv', [x, 'head.cls.weight', 'head.cls.bias'], [y], name=f'/head/cls{s}/Conv')
+             for x, y, s in (('p3', 'map_0', ''), ('p4', 'map_1', '_1'))]
+    graph = helper.make_graph(convs, 'g', [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, h, h])
+                                           for n, h in (('p3', 4), ('p4', 2))],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ('map_0', 'map_1')],
+                              [weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)], ir_version=8)
+    path = tmp_path / 'head.onnx'
+    onnx.save(model, str(path))
+    inputs = [{'p3': rng.normal(size=(1, 2, 4, 4)).astype(np.float32),
+               'p4': rng.normal(size=(1, 2, 2, 2)).astype(np.float32)} for _ in range(3)]
+
+    class Reader:
+        position = 0
+
+        def get_next(self):
+            self.position += 1
+            return inputs[self.position - 1] if self.position <= len(inputs) else None
+
+        def rewind(self):
+            self.position = 0
+
+    before = [ort.InferenceSession(str(path)).run(None, x) for x in inputs]
+    rescales = equalize_output_channels(model, path, Reader(), ['head.cls'])
+    assert rescales == ['/head/cls/Conv_rescale', '/head/cls_1/Conv_rescale']
+    onnx.save(model, str(path))
+    session = ort.InferenceSession(str(path))
+    after = [session.run(None, x) for x in inputs]
+    assert all(np.allclose(a, b, rtol=1e-5, atol=1e-5) for x, y in zip(before, after) for a, b in zip(x, y))
+    # the scaled conv outputs reach a magnitude of exactly 1 per channel over both levels and all inputs
+    probe = onnx.load(str(path))
+    probe.graph.output.extend([helper.make_tensor_value_info(f'map_{i}_equalized', TensorProto.FLOAT, None)
+                               for i in range(2)])
+    onnx.save(probe, str(tmp_path / 'probe.onnx'))
+    scaled = [ort.InferenceSession(str(tmp_path / 'probe.onnx')).run(['map_0_equalized', 'map_1_equalized'], x)
+              for x in inputs]
+    magnitude = np.max([np.abs(m).max(axis=(0, 2, 3)) for run in scaled for m in run], axis=0)
+    assert np.allclose(magnitude, 1, atol=1e-6)
