@@ -11,7 +11,6 @@ from mmdet.registry import METRICS
 from evaluators.mmengine import SUMMARY_KEYS
 
 
-
 @METRICS.register_module()
 class OpenImagesMLPerfMetric(CocoMetric):
     """mmdet's CocoMetric collects the predictions (label i -> category id i); the evaluation is MLPerf's:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-
 REPLAY_PASSES = 3
 
 

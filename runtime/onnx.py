@@ -164,8 +164,10 @@ class Runtime:
         prepared = out_dir / 'model_prep.onnx'
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared))
-        rescales = equalize_output_channels(graph, prepared, calibration, equalize) if equalize else []
-        onnx.save(graph, str(prepared))
+        rescales = []
+        if equalize:
+            rescales = equalize_output_channels(graph, prepared, calibration, equalize)
+            onnx.save(graph, str(prepared))
         ranges = out_dir / 'calibration.json'
         self._calibrate(prepared, calibration, method, symmetric, ranges)
         excluded = nodes_matching(graph, [*keep_float, *p['exclude']]) + rescales

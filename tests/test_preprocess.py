@@ -30,9 +30,10 @@ def _assert_same(framework, data, training=False):
 def test_equals_the_config_preprocessor_on_real_images(config, assets):
     """YOLOv5's letterbox (mean 0, std 255, BGR->RGB) and the MLPerf RetinaNet's ImageNet normalization, with
     the images packed by mmdet's PackDetInputs and by PackDetInputsFast (equal tensors)."""
+    from mmengine.registry import MODELS, DefaultScope
+
     from integrations.deploy import image_pipeline
     from integrations.mmengine.runner import load_model_config
-    from mmengine.registry import MODELS, DefaultScope
 
     path = assets.YOLOV5S_CONFIG if config == 'yolov5' else str(ROOT / 'configs' / 'mlperf_retinanet_800.py')
     cfg = load_model_config(path)
