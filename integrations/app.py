@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,13 +46,36 @@ def check_openimages_mlperf(ann_file: str, categories: list[dict]) -> None:
                         'convert COCO ground truth with tools/coco_to_openimages_mlperf.py')
 
 
+def check_whole_number(option: str, value, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise UserError(f'{option}={value}: must be a whole number >= {least}')
+
+
+def check_bench(bench: DictConfig) -> None:
+    """task=bench's options, checked before anything is exported or built."""
+    from integrations.bench import SCENARIOS
+
+    if bench.scenario not in SCENARIOS:
+        raise UserError(f'bench.scenario={bench.scenario}: choose {" or ".join(SCENARIOS)}')
+    for option in ('batch_sizes', 'instances'):
+        values = bench.get(option)
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise UserError(f'bench.{option}={values}: must be a non-empty list of whole numbers >= 1, e.g. [1,4]')
+    check_whole_number('bench.warmup', bench.warmup, 0)
+    check_whole_number('bench.iterations', bench.iterations, 1)
+    latency = bench.replay_latency_ms
+    if latency is not None and (isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0):
+        raise UserError(f'bench.replay_latency_ms={latency}: must be a number of milliseconds >= 0, or null')
+
+
 def check_inputs(cfg: DictConfig) -> int:
     if cfg.engine.name not in ENGINES:
         raise UserError(f'engine={cfg.engine.name}: not available (choose from {", ".join(ENGINES)})')
     for option, least in (('batch_size', 1), ('num_workers', 0), ('prefetch', 0)):
-        value = cfg.eval.get(option)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise UserError(f'eval.{option}={value}: must be a whole number >= {least}')
+        check_whole_number(f'eval.{option}', cfg.eval.get(option), least)
+    if cfg.task == 'bench':
+        check_bench(cfg.bench)
     for option in ('img_dir', 'ann_file'):
         if cfg.data.get(option) in (None, '???') or cfg.data._get_node(option)._is_missing():
             raise UserError(f'data.{option} is required for data={cfg.data.name}: add data.{option}=PATH')

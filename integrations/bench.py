@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 REPLAY_PASSES = 3
+SCENARIOS = ('offline', 'single_stream')
 
 
 def latency_stats(seconds: list[float]) -> dict:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from evaluators.device import DeviceInference
-from integrations.app import run
+from integrations.app import check_bench, run
 from integrations.bench import ReplaySession, latency_stats, measure
+from integrations.errors import UserError
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 
@@ -103,3 +104,29 @@ def test_host_work_single_threaded_without_native_forward():
     with host_threads(compose_cfg('eval.compare_native=true', 'eval.host_threads=1')):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize('override, message', [
+    ('bench.scenario=fast', r'bench.scenario=fast: choose offline or single_stream'),
+    ('bench.batch_sizes=[0]', r'bench.batch_sizes=\[0\]: must be a non-empty list'),
+    ('bench.batch_sizes=4', r'bench.batch_sizes=4: must be a non-empty list'),
+    ('bench.instances=[]', r'bench.instances=\[\]: must be a non-empty list'),
+    ('bench.warmup=-1', r'bench.warmup=-1: must be a whole number >= 0'),
+    ('bench.iterations=0', r'bench.iterations=0: must be a whole number >= 1'),
+    ('bench.replay_latency_ms=-2.5', r'bench.replay_latency_ms=-2.5: must be a number of milliseconds >= 0'),
+    ('bench.replay_latency_ms=soon', r'bench.replay_latency_ms=soon: must be a number'),
+])
+def test_bad_bench_options_are_one_line_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        check_bench(compose_cfg('task=bench', override).bench)
+
+
+def test_bad_bench_option_fails_before_any_export(tmp_path):
+    with pytest.raises(UserError, match='bench.iterations'):
+        run(compose_cfg('task=bench', 'bench.iterations=0'), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_default_bench_options_pass():
+    check_bench(compose_cfg('task=bench').bench)
+    check_bench(compose_cfg('task=bench', 'bench.scenario=single_stream', 'bench.replay_latency_ms=2.5').bench)
