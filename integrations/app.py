@@ -16,6 +16,7 @@ from integrations.errors import UserError
 
 ENGINES = ('mmengine', 'lightning')
 TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
+OPSETS = (11, 20)
 
 
 def check_dataset(img_dir: str, ann_file: str) -> dict:
@@ -51,6 +52,26 @@ def check_whole_number(option: str, value, least: int) -> None:
         raise UserError(f'{option}={value}: must be a whole number >= {least}')
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_eval(options: DictConfig) -> None:
+    """The loop's and the post-processing's options (null keeps the model config's own)."""
+    for option, least in (('batch_size', 1), ('num_workers', 0), ('prefetch', 0)):
+        check_whole_number(f'eval.{option}', options.get(option), least)
+    for option in ('max_per_img', 'nms_pre', 'num_images', 'host_threads'):
+        if options.get(option) is not None:
+            check_whole_number(f'eval.{option}', options[option], 1)
+    score_thr, nms_iou = options.get('score_thr'), options.get('nms_iou')
+    if score_thr is not None and not (_is_number(score_thr) and 0 <= score_thr < 1):
+        raise UserError(f'eval.score_thr={score_thr}: must be a score in [0, 1), or null for the model\'s own')
+    if nms_iou is not None and not (_is_number(nms_iou) and 0 < nms_iou <= 1):
+        raise UserError(f'eval.nms_iou={nms_iou}: must be an IoU in (0, 1], or null for the model\'s own')
+    if options.get('reference') not in (None, 'fp32', 'fp16'):
+        raise UserError(f'eval.reference={options.reference}: use fp32 or fp16 (a reference needs no calibration)')
+
+
 def check_bench(bench: DictConfig) -> None:
     """task=bench's options, checked before anything is exported or built."""
     from integrations.bench import SCENARIOS
@@ -65,15 +86,18 @@ def check_bench(bench: DictConfig) -> None:
     check_whole_number('bench.warmup', bench.warmup, 0)
     check_whole_number('bench.iterations', bench.iterations, 1)
     latency = bench.replay_latency_ms
-    if latency is not None and (isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0):
+    if latency is not None and not (_is_number(latency) and latency >= 0):
         raise UserError(f'bench.replay_latency_ms={latency}: must be a number of milliseconds >= 0, or null')
 
 
 def check_inputs(cfg: DictConfig) -> int:
     if cfg.engine.name not in ENGINES:
         raise UserError(f'engine={cfg.engine.name}: not available (choose from {", ".join(ENGINES)})')
-    for option, least in (('batch_size', 1), ('num_workers', 0), ('prefetch', 0)):
-        check_whole_number(f'eval.{option}', cfg.eval.get(option), least)
+    check_eval(cfg.eval)
+    opset = cfg.export.opset
+    if not (isinstance(opset, int) and not isinstance(opset, bool) and OPSETS[0] <= opset <= OPSETS[1]):
+        raise UserError(f'export.opset={opset}: use {OPSETS[0]}-{OPSETS[1]} (the TorchScript exporter\'s range that '
+                        'both model families export at)')
     if cfg.task == 'bench':
         check_bench(cfg.bench)
     for option in ('img_dir', 'ann_file'):
@@ -89,6 +113,8 @@ def check_inputs(cfg: DictConfig) -> int:
         from runtime import get_runtime
         options = {k: v for k, v in OmegaConf.to_container(cfg.runtime, resolve=True).items() if k != 'name'}
         get_runtime(cfg.runtime.name, precision=OmegaConf.to_container(cfg.precision, resolve=True), **options)
+        if cfg.eval.reference:
+            get_runtime(cfg.runtime.name, precision={'name': cfg.eval.reference}, **options)
     coco = check_dataset(cfg.data.img_dir, cfg.data.ann_file)
     num_images = len(coco['images'])
     if cfg.model.get('label_space') == 'openimages_mlperf':

@@ -159,6 +159,10 @@ class Runtime:
         if calibration is None:
             raise ValueError('int8 needs a calibration reader')
         p = self.precision
+        opset = next(o.version for o in onnx.load(str(onnx_path)).opset_import if o.domain in ('', 'ai.onnx'))
+        if p['per_channel'] and opset < 13:
+            raise UserError(f'export.opset={opset}: per-channel int8 (precision.per_channel=true) needs opset 13 or '
+                            'later for per-axis QuantizeLinear; raise export.opset or set precision.per_channel=false')
         symmetric = bool(p['activation_symmetric'])
         method = getattr(CalibrationMethod, CALIBRATION_METHODS[p['calibration']['method']])
         prepared = out_dir / 'model_prep.onnx'

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from integrations.app import run
+from integrations.app import check_inputs, run
 from integrations.config import ROOT
+from integrations.errors import UserError
 from tests.conftest import compose_cfg
 
 RESULT_KEYS = {'model', 'variant', 'runtime', 'precision', 'engine', 'num_images', 'device', 'native',
@@ -102,6 +103,31 @@ def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
     assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
     assert not (run_dir / 'results.json').exists() and not (run_dir / 'export').exists()
+
+
+@pytest.mark.parametrize('override, message', [
+    ('eval.score_thr=-1', r'eval.score_thr=-1: must be a score in \[0, 1\)'),
+    ('eval.score_thr=high', r'eval.score_thr=high: must be a score'),
+    ('eval.nms_iou=1.5', r'eval.nms_iou=1.5: must be an IoU in \(0, 1\]'),
+    ('eval.nms_iou=0', r'eval.nms_iou=0: must be an IoU'),
+    ('eval.max_per_img=0', r'eval.max_per_img=0: must be a whole number >= 1'),
+    ('eval.nms_pre=0', r'eval.nms_pre=0: must be a whole number >= 1'),
+    ('eval.num_images=0', r'eval.num_images=0: must be a whole number >= 1'),
+    ('eval.host_threads=-1', r'eval.host_threads=-1: must be a whole number >= 1'),
+    ('eval.batch_size=0', r'eval.batch_size=0: must be a whole number >= 1'),
+    ('eval.reference=int8', r'eval.reference=int8: use fp32 or fp16'),
+    ('export.opset=30', r'export.opset=30: use 11-20'),
+    ('export.opset=7', r'export.opset=7: use 11-20'),
+])
+def test_bad_eval_and_export_options_fail_before_the_run(override, message):
+    with pytest.raises(UserError, match=message):
+        check_inputs(compose_cfg(override))
+
+
+def test_in_range_eval_options_pass():
+    assert check_inputs(compose_cfg('eval.score_thr=0', 'eval.nms_iou=1', 'eval.max_per_img=1', 'eval.nms_pre=1',
+                                    'eval.num_images=2', 'eval.host_threads=2', 'eval.reference=fp16',
+                                    'export.opset=11')) == 2
 
 
 def test_unknown_group_value_fails_clearly(tmp_path):

@@ -106,6 +106,22 @@ def test_bad_int8_options(changes, message):
         get_runtime('onnx', precision=precision)
 
 
+def test_per_channel_int8_of_an_opset_11_export_is_an_error(tmp_path):
+    """Per-axis QuantizeLinear is opset 13: refused before calibrating, not left as a model that cannot load."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), 'w')
+    graph = helper.make_graph([helper.make_node('Conv', ['x', 'w'], ['y'])], 'g',
+                              [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 11)], ir_version=7),
+              str(tmp_path / 'model.onnx'))
+    with pytest.raises(UserError, match='export.opset=11: per-channel int8'):
+        get_runtime('onnx', precision=INT8).build(tmp_path / 'model.onnx', tmp_path, calibration=object())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']
+
+
 def test_unknown_exclude_name_is_an_error(exported, tmp_path):
     with pytest.raises(UserError, match="'no.such.module' matches no node"):
         _int8(exported, tmp_path, exclude=['no.such.module'])
