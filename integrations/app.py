@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from integrations.errors import UserError
+from integrations.errors import UserError, check_flag, check_whole_number, is_number
 
 ENGINES = ('mmengine', 'lightning')
 TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
@@ -47,26 +47,19 @@ def check_openimages_mlperf(ann_file: str, categories: list[dict]) -> None:
                         'convert COCO ground truth with tools/coco_to_openimages_mlperf.py')
 
 
-def check_whole_number(option: str, value, least: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise UserError(f'{option}={value}: must be a whole number >= {least}')
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_eval(options: DictConfig) -> None:
     """The loop's and the post-processing's options (null keeps the model config's own)."""
     for option, least in (('batch_size', 1), ('num_workers', 0), ('prefetch', 0)):
         check_whole_number(f'eval.{option}', options.get(option), least)
+    for option in ('compare_native', 'overlap'):
+        check_flag(f'eval.{option}', options.get(option))
     for option in ('max_per_img', 'nms_pre', 'num_images', 'host_threads'):
         if options.get(option) is not None:
             check_whole_number(f'eval.{option}', options[option], 1)
     score_thr, nms_iou = options.get('score_thr'), options.get('nms_iou')
-    if score_thr is not None and not (_is_number(score_thr) and 0 <= score_thr < 1):
+    if score_thr is not None and not (is_number(score_thr) and 0 <= score_thr < 1):
         raise UserError(f'eval.score_thr={score_thr}: must be a score in [0, 1), or null for the model\'s own')
-    if nms_iou is not None and not (_is_number(nms_iou) and 0 < nms_iou <= 1):
+    if nms_iou is not None and not (is_number(nms_iou) and 0 < nms_iou <= 1):
         raise UserError(f'eval.nms_iou={nms_iou}: must be an IoU in (0, 1], or null for the model\'s own')
     if options.get('reference') not in (None, 'fp32', 'fp16'):
         raise UserError(f'eval.reference={options.reference}: use fp32 or fp16 (a reference needs no calibration)')
@@ -86,7 +79,7 @@ def check_bench(bench: DictConfig) -> None:
     check_whole_number('bench.warmup', bench.warmup, 0)
     check_whole_number('bench.iterations', bench.iterations, 1)
     latency = bench.replay_latency_ms
-    if latency is not None and not (_is_number(latency) and latency >= 0):
+    if latency is not None and not (is_number(latency) and latency >= 0):
         raise UserError(f'bench.replay_latency_ms={latency}: must be a number of milliseconds >= 0, or null')
 
 
@@ -98,6 +91,9 @@ def check_inputs(cfg: DictConfig) -> int:
     if not (isinstance(opset, int) and not isinstance(opset, bool) and OPSETS[0] <= opset <= OPSETS[1]):
         raise UserError(f'export.opset={opset}: use {OPSETS[0]}-{OPSETS[1]} (the TorchScript exporter\'s range that '
                         'both model families export at)')
+    for option in ('simplify', 'torchscript'):
+        check_flag(f'export.{option}', cfg.export.get(option))
+    check_flag('cache.enabled', cfg.cache.enabled)
     if cfg.task == 'bench':
         check_bench(cfg.bench)
     for option in ('img_dir', 'ann_file'):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from integrations.errors import UserError
+from integrations.errors import UserError, check_flag, check_whole_number
 from runtime import Artifact
 
 # VastAI's calibration method names -> onnxruntime's calibrators; ORT has no MSE calibrator.
@@ -35,18 +35,30 @@ class OrtSession:
         return self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
 
 
+def module_path(node_name: str) -> str:
+    """The module that an exported node belongs to, from its scope: torch's exporter names a child of a
+    container `parent.<i>` and, when the container itself runs (Sequential), nests it under the container's
+    own scope: `/backbone/stage1/stage1.0/conv/Conv` -> `backbone.stage1.0.conv`."""
+    path: list[str] = []
+    for scope in node_name.split('/')[1:-1]:
+        if path and scope.startswith(path[-1] + '.'):
+            path[-1] = scope
+        else:
+            path.append(scope)
+    return '.'.join(path)
+
+
 def nodes_matching(model, patterns: list[str]) -> list[str]:
     """ONNX node names for `precision.exclude` entries: a node name, or a module name (`neck.reduce_layers.2`)
-    matched through the node's scope (`/neck/reduce_layers.2/…`) or its weight's name (`…<module>.weight`)."""
+    matched through the node's scope (module_path) or its weight's name (`…<module>.weight`)."""
     matched = []
     for pattern in patterns:
-        scope = '/' + pattern.replace('.', '/') + '/'
         hits = [n.name for n in model.graph.node
-                if n.name == pattern or n.name.startswith(scope)
+                if n.name == pattern or f'{module_path(n.name)}.'.startswith(f'{pattern}.')
                 or any(i == f'{pattern}.weight' or i.endswith(f'.{pattern}.weight') for i in n.input)]
         if not hits:
             raise UserError(f'precision.exclude: {pattern!r} matches no node of the exported model '
-                            '(give an ONNX node name or a module name such as bbox_head.head_module.convs_pred.0)')
+                            '(give an ONNX node name or a module name such as neck.reduce_layers.2)')
         matched += [h for h in hits if h not in matched]
     return matched
 
@@ -102,6 +114,8 @@ class Runtime:
     calibration_methods = tuple(CALIBRATION_METHODS)
 
     def __init__(self, precision: dict, intra_op_threads: int = 0, allow_spinning: bool = False):
+        check_whole_number('runtime.intra_op_threads', intra_op_threads, 0)
+        check_flag('runtime.allow_spinning', allow_spinning)
         self.precision = dict(precision)
         self.intra_op_threads = intra_op_threads
         self.allow_spinning = allow_spinning
@@ -120,6 +134,12 @@ class Runtime:
             if self.precision['raw_map_convs'] not in ('equalized', 'float', 'int8'):
                 raise UserError(f"precision.raw_map_convs={self.precision['raw_map_convs']}: "
                                 'use equalized, float or int8')
+            for option in ('per_channel', 'activation_symmetric'):
+                check_flag(f'precision.{option}', self.precision[option])
+            exclude = self.precision['exclude']
+            if not isinstance(exclude, (list, tuple)) or not all(isinstance(name, str) for name in exclude):
+                raise UserError(f'precision.exclude={exclude}: give a list of ONNX node or module names, '
+                                'e.g. [neck.reduce_layers.2]')
 
     @staticmethod
     def version() -> str:

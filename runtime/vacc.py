@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from integrations.errors import UserError
+from integrations.errors import UserError, check_flag, check_whole_number
 from runtime import Artifact
 
 CALIBRATION_METHODS = ('max', 'kl_divergence', 'percentile', 'mse')  # vamc's calibrate_mode values
@@ -106,9 +106,13 @@ class Runtime:
     def __init__(self, precision: dict, device_id: int = 0, batch_size: int = 1, model_prefix: str | None = None,
                  compiler: str = 'vamc', compile: bool = True, vdsp: dict | None = None,
                  cluster_mode: int = 0):
+        check_whole_number('runtime.device_id', device_id, 0)
+        check_whole_number('runtime.batch_size', batch_size, 1)
+        check_whole_number('runtime.cluster_mode', cluster_mode, 0)
+        check_flag('runtime.compile', compile)
         self.precision = dict(precision)
-        self.device_id = int(device_id)
-        self.batch_size = int(batch_size)
+        self.device_id = device_id
+        self.batch_size = batch_size
         self.model_prefix = model_prefix
         self.compiler = compiler
         self.compile = compile

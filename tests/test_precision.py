@@ -122,6 +122,27 @@ def test_per_channel_int8_of_an_opset_11_export_is_an_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']
 
 
+def test_exclude_by_module_name_keeps_its_nodes_in_float(exported, tmp_path):
+    """Module names as the model prints them, also inside containers whose export scope nests the index
+    (`backbone.stage1.0` -> `/backbone/stage1/stage1.0/...`)."""
+    import onnx
+
+    from runtime.onnx import nodes_matching
+
+    export = onnx.load(str(exported[0] / 'model.onnx'))
+    assert nodes_matching(export, ['neck.reduce_layers.2']) == [
+        '/neck/reduce_layers.2/conv/Conv', '/neck/reduce_layers.2/activate/Sigmoid',
+        '/neck/reduce_layers.2/activate/Mul']
+    stage = nodes_matching(export, ['backbone.stage1.0'])
+    assert stage and all(name.startswith('/backbone/stage1/stage1.0/') for name in stage)
+    _, artifact = _int8(exported, tmp_path, exclude=['neck.reduce_layers.2'])
+    graph = onnx.load(str(artifact.path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    conv = next(n for n in graph.node if n.name == '/neck/reduce_layers.2/conv/Conv')
+    assert conv.op_type == 'Conv' and conv.input[1] not in producers  # its float weight, not a DequantizeLinear
+    assert '/neck/reduce_layers.2/conv/Conv' in artifact.info['excluded_nodes']
+
+
 def test_unknown_exclude_name_is_an_error(exported, tmp_path):
     with pytest.raises(UserError, match="'no.such.module' matches no node"):
         _int8(exported, tmp_path, exclude=['no.such.module'])
