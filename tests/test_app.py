@@ -118,10 +118,16 @@ def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
     ('eval.reference=int8', r'eval.reference=int8: use fp32 or fp16'),
     ('export.opset=30', r'export.opset=30: use 11-20'),
     ('export.opset=7', r'export.opset=7: use 11-20'),
+    ('eval.overlap=1', r'eval.overlap=1: use true or false'),
+    ('cache.enabled=maybe', r'cache.enabled=maybe: use true or false'),
+    ('runtime.allow_spinning=maybe', r'runtime.allow_spinning=maybe: use true or false'),
+    ('runtime.intra_op_threads=-1', r'runtime.intra_op_threads=-1: must be a whole number >= 0'),
+    ('precision=int8 precision.per_channel=maybe', r'precision.per_channel=maybe: use true or false'),
+    ('precision=int8 precision.exclude=neck', r'precision.exclude=neck: give a list'),
 ])
-def test_bad_eval_and_export_options_fail_before_the_run(override, message):
+def test_bad_options_fail_before_the_run(override, message):
     with pytest.raises(UserError, match=message):
-        check_inputs(compose_cfg(override))
+        check_inputs(compose_cfg(*override.split()))
 
 
 def test_in_range_eval_options_pass():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from integrations.app import run
+from integrations.app import check_inputs, run
 from integrations.errors import UserError
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
@@ -60,6 +60,15 @@ def test_without_sdk_or_compiler_one_clear_error(no_sdk, assets, tmp_path, monke
     with pytest.raises(UserError, match='runtime=vacc supports fp16, int8'):
         run(compose_cfg('runtime=vacc', 'precision=fp32'), tmp_path / 'c')
     assert not (tmp_path / 'a' / 'export').exists() and not (tmp_path / 'b' / 'export').exists()
+
+
+@pytest.mark.parametrize('override, message', [
+    ('runtime.compile=perhaps', 'runtime.compile=perhaps: use true or false'),
+    ('runtime.batch_size=0', 'runtime.batch_size=0: must be a whole number >= 1'),
+    ('runtime.device_id=-1', 'runtime.device_id=-1: must be a whole number >= 0')])
+def test_bad_vacc_options_are_one_line_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        check_inputs(compose_cfg('runtime=vacc', 'precision=fp16', override))
 
 
 def test_export_writes_seed_shaped_build_files_without_sdk(no_sdk, assets, demo_subset_data, tmp_path,
