@@ -131,7 +131,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
         b = setting['batch_size']
         batches = [stack([images[(j + k) % len(images)] for k in range(b)]) for j in range(len(images))]
         sessions = [runtime.load(artifact) for _ in range(setting['instances'])]
-        measure(sessions, prepare, batches, bench.warmup)
+        if bench.warmup:
+            measure(sessions, prepare, batches, bench.warmup)
         figures = measure(sessions, prepare, batches, bench.iterations)
         blocks.append({**setting, **figures})
         print(vamp_block(setting, figures), flush=True)

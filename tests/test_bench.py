@@ -106,6 +106,12 @@ def test_host_work_single_threaded_without_native_forward():
     assert torch.get_num_threads() == before
 
 
+def test_bench_with_engine_lightning_measures_mmengine_loop(assets, tmp_path):
+    result = run(compose_cfg('engine=lightning', 'task=bench', 'eval.num_images=2', 'bench.scenario=single_stream',
+                             'bench.iterations=2', 'bench.warmup=0'), tmp_path)
+    assert result['evaluation']['host_ms_per_image'] > 0 and result['settings'][0]['samples'] == 2
+
+
 @pytest.mark.parametrize('override, message', [
     ('bench.scenario=fast', r'bench.scenario=fast: choose offline or single_stream'),
     ('bench.batch_sizes=[0]', r'bench.batch_sizes=\[0\]: must be a non-empty list'),

@@ -133,7 +133,7 @@ def build_runner(cfg: DictConfig, output_dir: Path, export_dir: Path):
 
     register_all_modules(init_default_scope=True)
     import_modules_from_strings(CUSTOM_IMPORTS)  # registers EvalRunner, ExportHook, DeviceEvaluator, …
-    if cfg.engine.launcher == 'pytorch' and cfg.engine.dist_backend == 'gloo':
+    if cfg.engine.get('launcher') == 'pytorch' and cfg.engine.get('dist_backend') == 'gloo':  # task=bench: any engine
         # mmengine's pytorch launcher selects a CUDA device first, which fails without one; a process group
         # that already exists is used as it is
         import torch.distributed as dist
