@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from integrations.errors import UserError, check_flag, check_whole_number
+from integrations.errors import UserError, check_flag, check_whole_number, is_number
 from runtime import Artifact
 
 # VastAI's calibration method names -> onnxruntime's calibrators; ORT has no MSE calibrator.
@@ -126,7 +126,7 @@ class Runtime:
             if calibration['method'] not in CALIBRATION_METHODS:
                 raise UserError(f"precision.calibration.method={calibration['method']}: runtime=onnx supports "
                                 f'{", ".join(CALIBRATION_METHODS)}')
-            if not 0 < float(calibration['percentile']) <= 100:
+            if not (is_number(calibration['percentile']) and 0 < calibration['percentile'] <= 100):
                 raise UserError(f"precision.calibration.percentile={calibration['percentile']}: "
                                 'must be in (0, 100]')
             if self.precision['format'] not in ('qdq', 'qoperator'):

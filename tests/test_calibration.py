@@ -30,12 +30,14 @@ def test_falls_back_to_evaluated_images_only_when_nothing_else(image_dir):
     assert len(chosen) == 3 and not disjoint
 
 
-@pytest.mark.parametrize('num,where,message', [(0, None, 'at least 1'), (9, None, 'only 8 images'),
-                                               (2, 'missing', 'directory not found')])
-def test_bad_calibration_options(image_dir, num, where, message):
+@pytest.mark.parametrize('num,seed,where,message', [
+    (0, 0, None, 'num_images=0: must be a whole number >= 1'), ('ten', 0, None, 'num_images=ten: must be a whole'),
+    (2, 'abc', None, 'seed=abc: must be a whole number >= 0'), (9, 0, None, 'only 8 images'),
+    (2, 0, 'missing', 'directory not found')])
+def test_bad_calibration_options(image_dir, num, seed, where, message):
     source = image_dir / 'missing' if where else image_dir
     with pytest.raises(UserError, match=message):
-        select_images(source, num, seed=0, exclude={image_dir / '00.jpg', image_dir / '01.jpg'})
+        select_images(source, num, seed=seed, exclude={image_dir / '00.jpg', image_dir / '01.jpg'})
 
 
 def test_reader_follows_the_onnxruntime_contract(image_dir):
