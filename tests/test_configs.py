@@ -25,6 +25,16 @@ def test_default_paths_are_under_the_project_root():
     assert cfg.data.img_dir == str(ROOT / 'data' / 'demo' / 'images')
 
 
+@pytest.mark.parametrize('config, variant', [
+    ('mmyolo::yolov5/yolov5_s-v61_syncbn_fast_8xb16-300e_coco.py', 's'),
+    ('mmyolo::yolov5/yolov5_n-v61_syncbn_fast_8xb16-300e_coco.py', 'n'),
+    ('mmyolo::yolov5/yolov5_x-p6-v62_syncbn_fast_8xb16-300e_coco.py', 'x-p6'),
+    ('/configs/my_detector.py', 'my_detector')])
+def test_yolov5_variant_follows_the_config(config, variant):
+    """results.json's `variant` is the model actually built, not a label that a config override leaves behind."""
+    assert compose_cfg(f'model.config={config}').model.variant == variant
+
+
 @pytest.mark.parametrize('args', [['--help'], ['--cfg', 'job']])
 def test_cli_help_does_not_import_torch(args):
     code = ('import runpy, sys\n'

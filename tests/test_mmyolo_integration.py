@@ -42,10 +42,10 @@ def test_other_yolov5_config_and_checkpoint(demo_subset, tmp_path):
     torch.manual_seed(0)
     checkpoint = tmp_path / 'yolov5n6_random.pth'
     torch.save({'state_dict': build_model(load_model_config(config)).state_dict()}, checkpoint)
-    results = run(compose_cfg(f'model.config={config}', f'model.checkpoint={checkpoint}', 'model.variant=n6',
+    results = run(compose_cfg(f'model.config={config}', f'model.checkpoint={checkpoint}',
                               'data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}'),
                   tmp_path / 'run')
-    assert results['input_shape'] == [3, 1280, 1280]
+    assert results['input_shape'] == [3, 1280, 1280] and results['variant'] == 'n-p6'
     assert [o['shape'][2] for o in results['io']['outputs']] == [160, 80, 40, 20]
     assert results['fidelity']['max_abs_diff'] < 1e-3
     assert results['device'] == results['native']
