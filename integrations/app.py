@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -17,6 +18,7 @@ from integrations.errors import UserError, check_flag, check_whole_number, is_nu
 ENGINES = ('mmengine', 'lightning')
 TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
 OPSETS = (11, 20)
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 
 
 def check_dataset(img_dir: str, ann_file: str) -> dict:
@@ -86,6 +88,10 @@ def check_bench(bench: DictConfig) -> None:
 def check_inputs(cfg: DictConfig) -> int:
     if cfg.engine.name not in ENGINES:
         raise UserError(f'engine={cfg.engine.name}: not available (choose from {", ".join(ENGINES)})')
+    if not isinstance(logging.getLevelName(cfg.engine.log_level), int):
+        raise UserError(f'engine.log_level={cfg.engine.log_level}: use DEBUG, INFO, WARNING or ERROR')
+    if cfg.engine.get('launcher', 'none') not in LAUNCHERS:
+        raise UserError(f'engine.launcher={cfg.engine.launcher}: use {", ".join(LAUNCHERS)} (mmengine\'s launchers)')
     check_eval(cfg.eval)
     opset = cfg.export.opset
     if not (isinstance(opset, int) and not isinstance(opset, bool) and OPSETS[0] <= opset <= OPSETS[1]):

@@ -119,6 +119,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
     ('export.opset=30', r'export.opset=30: use 11-20'),
     ('export.opset=7', r'export.opset=7: use 11-20'),
     ('eval.overlap=1', r'eval.overlap=1: use true or false'),
+    ('engine.launcher=ssh', r'engine.launcher=ssh: use none, pytorch, slurm, mpi'),
+    ('engine.log_level=LOUD', r'engine.log_level=LOUD: use DEBUG, INFO, WARNING or ERROR'),
     ('cache.enabled=maybe', r'cache.enabled=maybe: use true or false'),
     ('runtime.allow_spinning=maybe', r'runtime.allow_spinning=maybe: use true or false'),
     ('runtime.intra_op_threads=-1', r'runtime.intra_op_threads=-1: must be a whole number >= 0'),

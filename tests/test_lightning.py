@@ -4,8 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from integrations.app import run
 from integrations.config import ROOT
+from integrations.errors import UserError
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 
@@ -65,3 +68,9 @@ def test_lightning_equals_mmengine_for_retinanet(tmp_path):
     assert lightning['cache'] == 'hit'  # the same export: the cache key does not depend on the engine
     for key in ('device', 'native', 'fidelity', 'num_images', 'weights'):
         assert lightning[key] == mmengine[key], key
+
+
+def test_trainer_options_lightning_refuses_are_one_line_errors(assets, tmp_path):
+    with pytest.raises(UserError, match=r'engine=lightning \(accelerator=cpu, devices=0.*devices=0'):
+        run(compose_cfg('engine=lightning', 'engine.devices=0'), tmp_path)
+    assert not (tmp_path / 'export').exists() and not (tmp_path / 'results.json').exists()

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from integrations.errors import UserError
+
 
 def build_trainer(cfg: DictConfig, mm_cfg):
     """A CPU Trainer with the export and device-evaluation callbacks made from the mmengine config's pieces."""
     import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from integrations.lightning.callbacks import DeviceEvalCallback, ExportCallback
 
@@ -20,9 +23,12 @@ def build_trainer(cfg: DictConfig, mm_cfg):
     callbacks = [ExportCallback(**{k: v for k, v in export.items() if k != 'type'}),
                  DeviceEvalCallback(evaluator['metrics'], labels=evaluator['labels'], overlap=evaluator['overlap'])]
     logging.getLogger('lightning.pytorch').setLevel(cfg.engine.log_level)
-    return pl.Trainer(accelerator=cfg.engine.accelerator, devices=cfg.engine.devices, strategy=cfg.engine.strategy,
-                      num_nodes=cfg.engine.num_nodes, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, default_root_dir=mm_cfg.work_dir, callbacks=callbacks)
+    engine = {k: cfg.engine[k] for k in ('accelerator', 'devices', 'strategy', 'num_nodes')}
+    try:
+        return pl.Trainer(**engine, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                          default_root_dir=mm_cfg.work_dir, callbacks=callbacks)
+    except (MisconfigurationException, ValueError) as err:  # Lightning's own check of these options
+        raise UserError(f"engine=lightning ({', '.join(f'{k}={v}' for k, v in engine.items())}): {err}") from None
 
 
 def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
