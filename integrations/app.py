@@ -168,6 +168,24 @@ def _delta(a: dict | None, b: dict | None) -> float | None:
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     """Evaluate `cfg` and return the results dict (also written to <output_dir>/results.json)."""
+    try:
+        return _run(cfg, output_dir)
+    finally:
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the distributed process group (torchrun ranks) while the interpreter is still whole: left to
+    interpreter teardown, gloo's worker threads can abort the process after the results are written."""
+    if 'torch' not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
     if output_dir is None:
         from hydra.core.hydra_config import HydraConfig
         output_dir = HydraConfig.get().runtime.output_dir

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from integrations.config import ROOT
-from tests.conftest import DEMO_IMAGES
+from tests.conftest import DEMO_IMAGES, compose_cfg
 
 
 def test_two_processes_equal_one(assets, demo_subset, tmp_path):
@@ -22,3 +22,20 @@ def test_two_processes_equal_one(assets, demo_subset, tmp_path):
     assert one['device'] == two['device'] and one['native'] == two['native']
     assert two['fidelity']['max_abs_diff'] < 1e-3
     assert double.stdout.count('metric ') == 1  # one rank reports
+
+
+def test_run_destroys_the_process_group_it_ran_in(assets, tmp_path):
+    """Left to interpreter teardown, gloo's worker threads can abort a rank after its results are written
+    (SIGABRT, 'terminate called without an active exception'); run() releases the group itself."""
+    import torch.distributed as dist
+
+    from integrations.app import run
+
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        run(compose_cfg('task=export'), tmp_path / 'run')
+    finally:
+        initialized = dist.is_initialized()
+        if initialized:
+            dist.destroy_process_group()
+    assert not initialized
