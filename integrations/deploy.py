@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runti
     onnx_path = out_dir / 'model.onnx'
     sample = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))  # reproducible export_check
     start = time.perf_counter()
+    print(f"exporting the raw-map graph to ONNX (opset {export_cfg['opset']})", file=sys.stderr, flush=True)
     with family.cut_head(model):
         graph = RawMapGraph(model)
         io_spec = export_onnx(graph, sample, onnx_path, family.OUTPUT_PREFIX, export_cfg['opset'],
@@ -182,6 +184,7 @@ def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runti
     export_s = time.perf_counter() - start
 
     start = time.perf_counter()
+    print(f"building for runtime={runtime.name} precision={runtime.precision['name']}", file=sys.stderr, flush=True)
     artifact = runtime.build(onnx_path, out_dir, calibration=calibration, keep_float=keep_float,
                              equalize=equalize, preprocessing=preprocessing, shape=shape)
     built = {'device': {'file': _relative(artifact.path, out_dir), 'info': artifact.info}}

@@ -47,20 +47,33 @@ def digest(paths: list[Path]) -> str:
 
 
 class CalibrationReader:
-    """onnxruntime's CalibrationDataReader contract: `get_next()` gives one input dict, then None."""
+    """onnxruntime's CalibrationDataReader contract: `get_next()` gives one input dict, then None. Each pass over
+    the images shows a progress bar (a pass over 100 images takes a while)."""
 
     def __init__(self, paths: list[Path], preprocess: Callable[[Path], np.ndarray], input_name: str = 'input'):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.input_name = input_name
         self.position = 0
+        self.bar = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.paths):
+            self._close_bar()
             return None
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=len(self.paths), initial=self.position, desc='calibration images', unit='image')
         batch = self.preprocess(self.paths[self.position])
         self.position += 1
+        self.bar.update()
         return {self.input_name: batch}
 
     def rewind(self) -> None:
+        self._close_bar()
         self.position = 0
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

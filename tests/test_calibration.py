@@ -47,3 +47,14 @@ def test_reader_follows_the_onnxruntime_contract(image_dir):
     assert [b['input'][0, 0, 0, 0] for b in batches[:3]] == [0, 1, 2] and batches[3] is None
     reader.rewind()
     assert reader.get_next()['input'][0, 0, 0, 0] == 0
+
+
+def test_each_pass_shows_its_progress(image_dir, capsys):
+    paths = sorted(image_dir.glob('*.jpg'))[:3]
+    reader = CalibrationReader(paths, lambda p: np.zeros((1, 3, 2, 2), np.float32))
+    for _ in range(2):  # e.g. equalizing the raw-map channels, then the activation ranges
+        reader.rewind()
+        while reader.get_next() is not None:
+            pass
+    progress = capsys.readouterr().err
+    assert progress.count('calibration images') >= 2 and progress.count('3/3') == 2 and reader.bar is None
