@@ -13,7 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from integrations.errors import UserError, check_flag, check_whole_number, is_number
+from integrations.errors import (
+    UserError,
+    check_flag,
+    check_whole_number,
+    is_number,
+    is_whole_number,
+)
 
 ENGINES = ('mmengine', 'lightning')
 TASKS = ('eval', 'bench', 'export', 'npz', 'cache')
@@ -76,7 +82,7 @@ def check_bench(bench: DictConfig) -> None:
     for option in ('batch_sizes', 'instances'):
         values = bench.get(option)
         if not isinstance(values, Sequence) or isinstance(values, str) or not values or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                is_whole_number(v, 1) for v in values):
             raise UserError(f'bench.{option}={values}: must be a non-empty list of whole numbers >= 1, e.g. [1,4]')
     check_whole_number('bench.warmup', bench.warmup, 0)
     check_whole_number('bench.iterations', bench.iterations, 1)
@@ -94,7 +100,7 @@ def check_inputs(cfg: DictConfig) -> int:
         raise UserError(f'engine.launcher={cfg.engine.launcher}: use {", ".join(LAUNCHERS)} (mmengine\'s launchers)')
     check_eval(cfg.eval)
     opset = cfg.export.opset
-    if not (isinstance(opset, int) and not isinstance(opset, bool) and OPSETS[0] <= opset <= OPSETS[1]):
+    if not (is_whole_number(opset, OPSETS[0]) and opset <= OPSETS[1]):
         raise UserError(f'export.opset={opset}: use {OPSETS[0]}-{OPSETS[1]} (the TorchScript exporter\'s range that '
                         'both model families export at)')
     for option in ('simplify', 'torchscript'):
