@@ -1,12 +1,14 @@
 """Throughput of each precision of the ONNX Runtime path, measured in one process on the same images.
 
     .venv/bin/python bench/precision.py [--images DIR] [--num 32] [--passes 5] [--threads 0] [--spinning]
-                                        [--int8 "OVERRIDE …"]…
+                                        [--batch-sizes 1 4] [--int8 "OVERRIDE …"]…
 
 Exports the YOLOv5s once, builds fp32, fp16 and int8 (the default conf/precision/int8.yaml, calibrated on the
 demo images; each `--int8` adds a variant with those Hydra overrides) and times `session.run` on the same
-preprocessed images (batch 1), after a warm-up, in passes interleaved across precisions (median pass
-reported). Prints images/s and the ratio to fp32. No figure here is asserted anywhere: this is a measurement.
+preprocessed images at each batch size, after a warm-up, in passes interleaved across precisions and batch
+sizes (median pass reported). Prints images/s and the ratio to fp32 at the same batch size, then each
+precision's best throughput over the batch sizes and its ratio to fp32's best. No figure here is asserted
+anywhere: this is a measurement.
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ def main() -> None:
     parser.add_argument('--num', type=int, default=32)
     parser.add_argument('--passes', type=int, default=5)
     parser.add_argument('--threads', type=int, default=0)
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1], metavar='B',
+                        help='images per session.run; --num is rounded down to a multiple of each')
     parser.add_argument('--spinning', action='store_true',
                         help="ONNX Runtime's threads busy-wait between calls (its default; the evaluation loop's is off)")
     parser.add_argument('--int8', action='append', default=[], metavar='"OVERRIDE …"',
                         help='an int8 variant to measure too, e.g. "precision.raw_map_convs=float"')
     args = parser.parse_args()
 
+    import numpy as np
     import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -77,26 +82,33 @@ def main() -> None:
             sessions[name] = runtime.load(runtime.build(out / 'model.onnx', out / str(i), calibration, keep_float,
                                                         equalize))
 
-        # passes interleaved across precisions, median pass per precision: drift of the machine (clock,
-        # neighbours) then hits every precision alike instead of whichever happened to run at the time
+        # passes interleaved across precisions and batch sizes, median pass per setting: drift of the machine
+        # (clock, neighbours) then hits every setting alike instead of whichever happened to run at the time
+        stacked = {b: [np.concatenate(batches[j:j + b]) for j in range(0, len(batches) - b + 1, b)]
+                   for b in args.batch_sizes}
         for session in sessions.values():
-            for batch in batches[:3]:
-                session.run(batch)  # warm-up
-        pass_rates = {name: [] for name in sessions}
+            for b in args.batch_sizes:
+                session.run(stacked[b][0])  # warm-up
+        pass_rates = {(name, b): [] for name in sessions for b in args.batch_sizes}
         for _ in range(args.passes):
-            for name, session in sessions.items():
+            for name, b in pass_rates:
                 start = time.perf_counter()
-                for batch in batches:
-                    session.run(batch)
-                pass_rates[name].append(len(batches) / (time.perf_counter() - start))
-        speed = {name: statistics.median(rates) for name, rates in pass_rates.items()}
+                for batch in stacked[b]:
+                    sessions[name].run(batch)
+                pass_rates[name, b].append(len(stacked[b]) * b / (time.perf_counter() - start))
+        speed = {setting: statistics.median(rates) for setting, rates in pass_rates.items()}
 
-    print(f'onnxruntime CPU, {len(batches)} images x {args.passes} passes, batch 1, '
+    print(f'onnxruntime CPU, {len(batches)} images x {args.passes} passes, '
           f'threads={args.threads or "auto"}, spinning={"on" if args.spinning else "off"}')
-    width = max(map(len, speed)) + 2
-    print(f"{'precision':<{width}}{'images/s':>10}{'ms/image':>10}{'vs fp32':>9}")
-    for name, ips in speed.items():
-        print(f"{name:<{width}}{ips:>10.2f}{1000 / ips:>10.1f}{ips / speed['fp32']:>8.2f}x")
+    width = max(len(name) for name in sessions) + 2
+    print(f"{'precision':<{width}}{'batch':>6}{'images/s':>10}{'ms/image':>10}{'vs fp32':>9}")
+    for (name, b), ips in speed.items():
+        print(f"{name:<{width}}{b:>6}{ips:>10.2f}{1000 / ips:>10.1f}{ips / speed['fp32', b]:>8.2f}x")
+    if len(args.batch_sizes) > 1:
+        best = {name: max((speed[name, b], b) for b in args.batch_sizes) for name in sessions}
+        print('best batch size per precision:')
+        for name, (ips, b) in best.items():
+            print(f"{name:<{width}}{b:>6}{ips:>10.2f}{1000 / ips:>10.1f}{ips / best['fp32'][0]:>8.2f}x")
 
 
 if __name__ == '__main__':

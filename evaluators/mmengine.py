@@ -82,7 +82,7 @@ class DeviceEvaluator(Evaluator):
         native_maps = self.taps.take()
         futures = {name: inference.submit(batch['inputs'], metas, native_maps)
                    for name, (inference, _) in self.paths.items()}
-        self.pending.append((futures, batch['data_samples'], data_batch))
+        self.pending.append((futures, batch, data_batch))
         if self.compare_native:
             super().process(data_samples, data_batch)
         while len(self.pending) > self.in_flight:
@@ -90,17 +90,18 @@ class DeviceEvaluator(Evaluator):
 
     def _finish_oldest(self) -> None:
         """Feed each path's metrics with the oldest batch's detections, in batch order."""
-        futures, data_samples, data_batch = self.pending.popleft()
+        futures, batch, data_batch = self.pending.popleft()
         for name, (_, evaluator) in self.paths.items():
             detections = futures[name].result()
             start = time.perf_counter()
             samples = []
-            for sample, det in zip(data_samples, detections):
+            for sample, det in zip(batch['data_samples'], detections):
                 sample = sample.clone()
                 sample.pred_instances = InstanceData(**det)
                 samples.append(sample)
             evaluator.process(samples, data_batch)
             self.host_s['metric'] += time.perf_counter() - start
+        self.preprocessor.release(batch['inputs'])  # every path's runtime call on it has returned
 
     def evaluate(self, size: int) -> dict:
         from mmengine.dist import all_gather_object, is_main_process

@@ -73,7 +73,7 @@ class DeviceBuild:
         shape = self.family.input_shape(mm_cfg)
         taps = self.family.raw_map_modules(model) if self.compare_native else []
         evaluator.attach(sessions=sessions, decoder=self.family.build_decoder(model, shape),
-                         preprocessor=BatchPreprocessor(model.data_preprocessor), taps=taps)
+                         preprocessor=BatchPreprocessor(model.data_preprocessor, reuse=True), taps=taps)
         if not self.compare_native:
             # the native forward is not needed: hand the evaluator the batch's own data samples
             model.test_step = lambda data: data['data_samples']

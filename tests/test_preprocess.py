@@ -55,14 +55,17 @@ def test_equals_the_config_preprocessor_on_real_images(config, assets):
         assert all(np.array_equal(ours.metainfo[k], theirs.metainfo[k]) for k in ours.metainfo)
 
 
-def test_pads_mixed_sizes_with_the_pad_value():
+@pytest.mark.parametrize('normalization', [dict(mean=[10., 20., 30.], std=[2., 3., 4.], bgr_to_rgb=True),
+                                           dict(mean=[0.5, 1., 0.], std=[0.7, 3., 255.]), {}])
+def test_pads_mixed_sizes_with_the_pad_value(normalization):
+    """Every uint8 value, normalized per channel (or not at all), padded to the batch shape."""
     from mmdet.models.data_preprocessors import DetDataPreprocessor
 
-    framework = DetDataPreprocessor(mean=[10., 20., 30.], std=[2., 3., 4.], bgr_to_rgb=True, pad_size_divisor=32,
-                                    pad_value=7)
+    framework = DetDataPreprocessor(**normalization, pad_size_divisor=32, pad_value=7)
     generator = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
               for h, w in ((50, 70), (64, 33))]
+    images[0].view(3, -1)[:, :256] = torch.arange(256, dtype=torch.uint8)  # every value in each channel
     data = {'inputs': images, 'data_samples': [DetDataSample(metainfo={'img_shape': x.shape[1:]}) for x in images]}
     got = _assert_same(framework, data)
     assert got['inputs'].shape == (2, 3, 64, 96)
@@ -81,3 +84,55 @@ def test_other_inputs_go_to_the_framework():
     _assert_same(framework, data)
     uint8 = {'inputs': [torch.zeros(3, 32, 32, dtype=torch.uint8)], 'data_samples': data['data_samples']}
     assert preprocessor._fast_path(uint8, False) and not preprocessor._fast_path(uint8, True)
+
+
+def test_reuse_writes_only_over_released_batches():
+    """The evaluation loop hands each batch back once every runtime call on it returned; a batch still held
+    (released or not by mistake, or lent to another caller) must never be written over."""
+    from mmdet.models.data_preprocessors import DetDataPreprocessor
+
+    framework = DetDataPreprocessor(mean=[0., 0., 0.], std=[255., 255., 255.], bgr_to_rgb=True)
+    preprocessor = BatchPreprocessor(framework, reuse=True)
+
+    def batch_of(value: int) -> torch.Tensor:
+        data = {'inputs': [torch.full((3, 32, 32), value, dtype=torch.uint8)],
+                'data_samples': [DetDataSample(metainfo={'img_shape': (32, 32)})]}
+        return preprocessor(data, False)['inputs']
+
+    first, second = batch_of(1), batch_of(2)
+    preprocessor.release(first)
+    preprocessor.release(torch.zeros_like(first))  # not one it lent: ignored
+    third = batch_of(3)
+    assert third is first and torch.all(third == 3 / 255)
+    assert torch.all(second == 2 / 255) and batch_of(4) is not second
+
+
+def test_the_evaluation_loop_reuses_batches_only_after_their_runtime_calls():
+    """Overlapped loop: every runtime call sees its own batch's pixels although the batches' memory is reused."""
+    import random
+    import time
+
+    from mmdet.models.data_preprocessors import DetDataPreprocessor
+
+    from evaluators.mmengine import DeviceEvaluator
+
+    seen, buffers = [], set()
+
+    class Session:
+        def run(self, batch):
+            time.sleep(random.uniform(0, 0.005))  # the loop preprocesses the next batches meanwhile
+            buffers.add(batch.ctypes.data)
+            seen.append(float(batch.max()))
+            return [batch]
+
+    framework = DetDataPreprocessor(mean=[0., 0., 0.], std=[1., 1., 1.])
+    evaluator = DeviceEvaluator(metrics=[])
+    evaluator.attach({'device': Session()}, decoder=lambda maps, metas: [{}] * len(metas),
+                     preprocessor=BatchPreprocessor(framework, reuse=True))
+    for value in range(30):
+        samples = [DetDataSample(metainfo={'img_shape': (16, 16)})]
+        evaluator.process(samples, {'inputs': [torch.full((3, 16, 16), value, dtype=torch.uint8)],
+                                    'data_samples': samples})
+    evaluator.evaluate(30)
+    assert seen == [float(v) for v in range(30)]
+    assert len(buffers) <= evaluator.in_flight + 2  # the batches in flight and one being written
