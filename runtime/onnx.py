@@ -63,6 +63,43 @@ def nodes_matching(model, patterns: list[str]) -> list[str]:
     return matched
 
 
+def space_to_depth_convs(model) -> list[str]:
+    """Rewrite each stride-2 Conv on fewer than 4 input channels whose kernel and pads are even (YOLOv5's 6x6
+    stem) as SpaceToDepth(2) and a Conv of half the kernel, stride 1, on 4x the channels; returns their names.
+
+    The same sums of the same products (weights regrouped), so the same model; but ONNX Runtime's int8 conv
+    handles 3 input channels by a slow path (8.8 ms for YOLOv5s's stem, against 4.4 ms in fp32) and 12 by its
+    VNNI kernels (2.3 ms). A Conv keeps its name, so `precision.exclude` finds it as before."""
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    rewritten, nodes = [], []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = node.input[1] if node.op_type == 'Conv' and len(node.input) > 1 else None
+        w = numpy_helper.to_array(initializers[weight]) if weight in initializers else None
+        pads = list(attrs.get('pads', [0, 0, 0, 0]))
+        if (w is None or w.ndim != 4 or w.shape[1] >= 4 or list(attrs.get('strides', [1, 1])) != [2, 2]
+                or w.shape[2] % 2 or w.shape[3] % 2 or any(p % 2 for p in pads) or attrs.get('group', 1) != 1
+                or any(d != 1 for d in attrs.get('dilations', [1, 1])) or attrs.get('auto_pad', b'NOTSET') != b'NOTSET'):
+            nodes.append(node)
+            continue
+        out_channels, channels, height, width = w.shape
+        # SpaceToDepth puts input pixel (2i + dy, 2j + dx) of channel c at channel (2 dy + dx) * C + c of (i, j)
+        regrouped = np.concatenate([w[:, :, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], axis=1)
+        model.graph.initializer.append(numpy_helper.from_array(regrouped, f'{weight}_space_to_depth'))
+        blocks = f'{node.name}_space_to_depth_output'
+        nodes.append(helper.make_node('SpaceToDepth', [node.input[0]], [blocks], name=f'{node.name}_space_to_depth',
+                                      blocksize=2))
+        nodes.append(helper.make_node('Conv', [blocks, f'{weight}_space_to_depth', *node.input[2:]], list(node.output),
+                                      name=node.name, kernel_shape=[height // 2, width // 2], strides=[1, 1],
+                                      pads=[p // 2 for p in pads]))
+        rewritten.append(node.name)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
+
+
 def equalize_output_channels(model, session_path: Path, reader, modules: list[str]) -> list[str]:
     """Scale the output channels of the named modules' Convs to one range, undone by a float Mul after each.
 
@@ -134,7 +171,7 @@ class Runtime:
             if self.precision['raw_map_convs'] not in ('equalized', 'float', 'int8'):
                 raise UserError(f"precision.raw_map_convs={self.precision['raw_map_convs']}: "
                                 'use equalized, float or int8')
-            for option in ('per_channel', 'activation_symmetric'):
+            for option in ('per_channel', 'activation_symmetric', 'space_to_depth'):
                 check_flag(f'precision.{option}', self.precision[option])
             exclude = self.precision['exclude']
             if not isinstance(exclude, (list, tuple)) or not all(isinstance(name, str) for name in exclude):
@@ -188,6 +225,9 @@ class Runtime:
         prepared = out_dir / 'model_prep.onnx'
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared))
+        regrouped = space_to_depth_convs(graph) if p['space_to_depth'] else []
+        if regrouped:
+            onnx.save(graph, str(prepared))
         rescales = []
         if equalize:
             rescales = equalize_output_channels(graph, prepared, calibration, equalize)
@@ -207,6 +247,7 @@ class Runtime:
         return Artifact(out, {'name': 'int8', 'method': p['calibration']['method'],
                               'num_images': len(calibration.paths), 'calibration_ranges': ranges.name,
                               'excluded_nodes': excluded, 'equalized_convs': equalize,
+                              'space_to_depth_convs': regrouped,
                               'per_channel': bool(p['per_channel']), 'format': p['format'],
                               'activation_symmetric': symmetric,
                               'percentile': float(p['calibration']['percentile'])})

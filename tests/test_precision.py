@@ -15,7 +15,8 @@ from runtime.calibration import CalibrationReader
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 INT8 = dict(name='int8', calibration=dict(method='max', percentile=99.999, num_images=2, seed=0, data=''),
-            per_channel=True, format='qdq', activation_symmetric=False, raw_map_convs='float', exclude=[])
+            per_channel=True, format='qdq', activation_symmetric=False, raw_map_convs='float', exclude=[],
+            space_to_depth=True)
 
 
 @pytest.fixture(scope='module')
@@ -54,6 +55,7 @@ def test_each_method_gives_a_model_close_to_fp32(exported, tmp_path, method):
     assert [m.shape for m in maps] == [m.shape for m in exported[3]]
     assert compare_maps(exported[3], maps)['min_cosine'] > 0.99
     assert artifact.info['method'] == method and len(artifact.info['excluded_nodes']) == 3
+    assert artifact.info['space_to_depth_convs'] == ['/backbone/stem/conv/Conv']
 
 
 def test_equalized_raw_map_convs_are_int8_in_one_range_and_restored_in_float(exported, tmp_path):
@@ -97,7 +99,8 @@ def test_fp16_model_runs_close_to_fp32(exported, tmp_path):
 @pytest.mark.parametrize('changes,message', [
     (dict(method='mse'), 'runtime=onnx supports max, kl_divergence, percentile'),
     (dict(percentile=100.5), 'percentile=100.5'), (dict(format='qlinear'), 'precision.format=qlinear'),
-    (dict(raw_map_convs='fp16'), 'precision.raw_map_convs=fp16: use equalized, float or int8')])
+    (dict(raw_map_convs='fp16'), 'precision.raw_map_convs=fp16: use equalized, float or int8'),
+    (dict(space_to_depth='yes'), 'precision.space_to_depth')])
 def test_bad_int8_options(changes, message):
     precision = json.loads(json.dumps(INT8))
     for key, value in changes.items():
@@ -141,6 +144,48 @@ def test_exclude_by_module_name_keeps_its_nodes_in_float(exported, tmp_path):
     conv = next(n for n in graph.node if n.name == '/neck/reduce_layers.2/conv/Conv')
     assert conv.op_type == 'Conv' and conv.input[1] not in producers  # its float weight, not a DequantizeLinear
     assert '/neck/reduce_layers.2/conv/Conv' in artifact.info['excluded_nodes']
+
+
+def test_space_to_depth_rewrites_only_even_stride_2_convs_on_few_channels_and_keeps_their_outputs(tmp_path):
+    """A 6x6 stride-2 conv on 3 channels (YOLOv5's stem) becomes SpaceToDepth + a 3x3 conv with the same outputs;
+    an odd kernel (RetinaNet's 7x7 stem), a stride-1 conv and a conv on 8 channels stay as they are."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.onnx import space_to_depth_convs
+
+    rng = np.random.default_rng(0)
+    weights = {'stem': (8, 3, 6, 6), 'odd': (4, 3, 7, 7), 'wide': (4, 8, 2, 2), 'flat': (4, 3, 2, 2)}
+    convs = [helper.make_node('Conv', ['x', 'stem', 'bias'], ['a'], name='stem', strides=[2, 2], pads=[2, 2, 2, 2]),
+             helper.make_node('Conv', ['x', 'odd'], ['b'], name='odd', strides=[2, 2], pads=[3, 3, 3, 3]),
+             helper.make_node('Conv', ['a', 'wide'], ['c'], name='wide', strides=[2, 2]),
+             helper.make_node('Conv', ['x', 'flat'], ['d'], name='flat', pads=[0, 0, 1, 1])]
+    initializers = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+                    for name, shape in weights.items()]
+    initializers.append(numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), 'bias'))
+    graph = helper.make_graph(convs, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 3, 32, 48])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in 'abcd'],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)], ir_version=8)
+    x = rng.standard_normal((1, 3, 32, 48)).astype(np.float32)
+
+    def outputs(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider']).run(None, {'x': x})
+
+    before = outputs(model)
+    assert space_to_depth_convs(model) == ['stem']
+    assert [n.op_type for n in model.graph.node] == ['SpaceToDepth', 'Conv', 'Conv', 'Conv', 'Conv']
+    assert [n.name for n in model.graph.node if n.op_type == 'Conv'] == ['stem', 'odd', 'wide', 'flat']
+    for expected, got in zip(before, outputs(model)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_space_to_depth_off_keeps_the_stem_conv(exported, tmp_path):
+    import onnx
+
+    _, artifact = _int8(exported, tmp_path, space_to_depth=False)
+    assert artifact.info['space_to_depth_convs'] == []
+    assert 'SpaceToDepth' not in {n.op_type for n in onnx.load(str(artifact.path)).graph.node}
 
 
 def test_unknown_exclude_name_is_an_error(exported, tmp_path):
