@@ -62,8 +62,11 @@ class BatchPreprocessor:
         self.covered = type(preprocessor).forward in (DetDataPreprocessor.forward, YOLOv5DetDataPreprocessor.forward)
         if self.covered:
             levels = torch.arange(256, dtype=torch.float32)  # a uint8 pixel cast to float, as mmdet casts the batch
-            self.tables = [((levels - preprocessor.mean[c].cpu()) / preprocessor.std[c].cpu()).reshape(256).numpy()
-                           if preprocessor._enable_normalize else levels.numpy() for c in range(3)]
+            if preprocessor._enable_normalize:  # one mean/std value applies to every channel, as in mmdet
+                mean, std = (v.cpu().reshape(-1).expand(3) for v in (preprocessor.mean, preprocessor.std))
+                self.tables = [((levels - mean[c]) / std[c]).numpy() for c in range(3)]
+            else:
+                self.tables = [levels.numpy()] * 3
         self.reuse = reuse
         self.lent: list[torch.Tensor] = []  # batches handed out and not released yet (the latest few)
         self.spare: list[torch.Tensor] = []  # released batches

@@ -56,7 +56,8 @@ def test_equals_the_config_preprocessor_on_real_images(config, assets):
 
 
 @pytest.mark.parametrize('normalization', [dict(mean=[10., 20., 30.], std=[2., 3., 4.], bgr_to_rgb=True),
-                                           dict(mean=[0.5, 1., 0.], std=[0.7, 3., 255.]), {}])
+                                           dict(mean=[0.5, 1., 0.], std=[0.7, 3., 255.]),
+                                           dict(mean=[100.], std=[58.]), {}])
 def test_pads_mixed_sizes_with_the_pad_value(normalization):
     """Every uint8 value, normalized per channel (or not at all), padded to the batch shape."""
     from mmdet.models.data_preprocessors import DetDataPreprocessor
