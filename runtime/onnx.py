@@ -79,12 +79,13 @@ def space_to_depth_convs(model) -> list[str]:
         weight = node.input[1] if node.op_type == 'Conv' and len(node.input) > 1 else None
         w = numpy_helper.to_array(initializers[weight]) if weight in initializers else None
         pads = list(attrs.get('pads', [0, 0, 0, 0]))
-        if (w is None or w.ndim != 4 or w.shape[1] >= 4 or list(attrs.get('strides', [1, 1])) != [2, 2]
-                or w.shape[2] % 2 or w.shape[3] % 2 or any(p % 2 for p in pads) or attrs.get('group', 1) != 1
-                or any(d != 1 for d in attrs.get('dilations', [1, 1])) or attrs.get('auto_pad', b'NOTSET') != b'NOTSET'):
+        plain = (attrs.get('group', 1) == 1 and attrs.get('auto_pad', b'NOTSET') == b'NOTSET'
+                 and all(d == 1 for d in attrs.get('dilations', [1, 1])))
+        if (w is None or not plain or w.ndim != 4 or w.shape[1] >= 4 or list(attrs.get('strides', [1, 1])) != [2, 2]
+                or any(n % 2 for n in [*w.shape[2:], *pads])):
             nodes.append(node)
             continue
-        out_channels, channels, height, width = w.shape
+        height, width = w.shape[2:]
         # SpaceToDepth puts input pixel (2i + dy, 2j + dx) of channel c at channel (2 dy + dx) * C + c of (i, j)
         regrouped = np.concatenate([w[:, :, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], axis=1)
         model.graph.initializer.append(numpy_helper.from_array(regrouped, f'{weight}_space_to_depth'))
