@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 REPLAY_PASSES = 3
 SCENARIOS = ('offline', 'single_stream')
@@ -120,8 +120,9 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
         preprocess = loop_preprocessing(runner.cfg, model)
         images = [preprocess(p) for p in tqdm(paths, desc='preprocessing', unit='image')]
         prepare, stack = np.ascontiguousarray, np.concatenate
-    options = {k: v for k, v in cfg.runtime.items() if k != 'name'}
-    runtime = get_runtime(cfg.runtime.name, precision=dict(cfg.precision), **options)
+    options = OmegaConf.to_container(cfg.runtime, resolve=True)  # plain lists and dicts, as the build's runtime got
+    runtime = get_runtime(options.pop('name'), precision=OmegaConf.to_container(cfg.precision, resolve=True),
+                          **options)
     built = hook.report
     artifact = Artifact(Path(built['artifacts']['runtime']), built['precision'], Path(built['build_dir']))
     settings = ([{'batch_size': 1, 'instances': 1}] if bench.scenario == 'single_stream' else

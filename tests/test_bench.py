@@ -112,6 +112,13 @@ def test_bench_with_engine_lightning_measures_mmengine_loop(assets, tmp_path):
     assert result['evaluation']['host_ms_per_image'] > 0 and result['settings'][0]['samples'] == 2
 
 
+def test_bench_of_an_int8_build(assets, tmp_path):
+    """The bench loads its sessions from the same (resolved) precision the build used: int8's list options too."""
+    result = run(compose_cfg('task=bench', 'precision=int8', 'precision.calibration.num_images=2', 'eval.num_images=2',
+                             'bench.scenario=single_stream', 'bench.iterations=2', 'bench.warmup=0'), tmp_path)
+    assert result['precision'] == 'int8' and result['settings'][0]['samples'] == 2
+
+
 @pytest.mark.parametrize('override, message', [
     ('bench.scenario=fast', r'bench.scenario=fast: choose offline or single_stream'),
     ('bench.batch_sizes=[0]', r'bench.batch_sizes=\[0\]: must be a non-empty list'),
