@@ -156,7 +156,7 @@ def _without_eval_settings(cfg):
 
 
 BUILD_REPORT = 'build.json'
-BUILD_FORMAT = 3  # bump when what build_artifacts writes changes
+BUILD_FORMAT = 4  # bump when what build_artifacts writes changes
 
 
 def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runtime, reference, calibration,

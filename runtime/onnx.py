@@ -151,12 +151,15 @@ class Runtime:
     name = 'onnx'
     calibration_methods = tuple(CALIBRATION_METHODS)
 
-    def __init__(self, precision: dict, intra_op_threads: int = 0, allow_spinning: bool = False):
+    def __init__(self, precision: dict, intra_op_threads: int = 0, allow_spinning: bool = False,
+                 int8_space_to_depth: bool = True):
         check_whole_number('runtime.intra_op_threads', intra_op_threads, 0)
         check_flag('runtime.allow_spinning', allow_spinning)
+        check_flag('runtime.int8_space_to_depth', int8_space_to_depth)
         self.precision = dict(precision)
         self.intra_op_threads = intra_op_threads
         self.allow_spinning = allow_spinning
+        self.int8_space_to_depth = int8_space_to_depth
         if self.precision['name'] not in ('fp32', 'fp16', 'int8'):
             raise UserError(f"precision={self.precision['name']}: runtime=onnx supports fp32, fp16, int8")
         if self.precision['name'] == 'int8':
@@ -172,7 +175,7 @@ class Runtime:
             if self.precision['raw_map_convs'] not in ('equalized', 'float', 'int8'):
                 raise UserError(f"precision.raw_map_convs={self.precision['raw_map_convs']}: "
                                 'use equalized, float or int8')
-            for option in ('per_channel', 'activation_symmetric', 'space_to_depth'):
+            for option in ('per_channel', 'activation_symmetric'):
                 check_flag(f'precision.{option}', self.precision[option])
             exclude = self.precision['exclude']
             if not isinstance(exclude, (list, tuple)) or not all(isinstance(name, str) for name in exclude):
@@ -213,6 +216,7 @@ class Runtime:
             quant_pre_process,
             quantize_static,
         )
+        from onnxruntime.quantization.calibrate import save_tensors_data
 
         if calibration is None:
             raise ValueError('int8 needs a calibration reader')
@@ -225,17 +229,24 @@ class Runtime:
         method = getattr(CalibrationMethod, CALIBRATION_METHODS[p['calibration']['method']])
         prepared = out_dir / 'model_prep.onnx'
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared))
-        regrouped = space_to_depth_convs(graph) if p['space_to_depth'] else []
-        if regrouped:
-            onnx.save(graph, str(prepared))
+        model = onnx.load(str(prepared))
         rescales = []
         if equalize:
-            rescales = equalize_output_channels(graph, prepared, calibration, equalize)
-            onnx.save(graph, str(prepared))
+            rescales = equalize_output_channels(model, prepared, calibration, equalize)
+            onnx.save(model, str(prepared))
+        tensor_ranges = self._calibrate(prepared, calibration, method, symmetric)
+        # rewritten after calibration, so the int8 model is the same: the float conv's other summation order would
+        # shift every range a little (and the mAP by a point either way); SpaceToDepth moves values, so its output
+        # takes its input's range
+        regrouped = space_to_depth_convs(model) if self.int8_space_to_depth else []
+        if regrouped:
+            for node in model.graph.node:
+                if node.op_type == 'SpaceToDepth':
+                    tensor_ranges.data[node.output[0]] = tensor_ranges.data[node.input[0]]
+            onnx.save(model, str(prepared))
         ranges = out_dir / 'calibration.json'
-        self._calibrate(prepared, calibration, method, symmetric, ranges)
-        excluded = nodes_matching(graph, [*keep_float, *p['exclude']]) + rescales
+        save_tensors_data(tensor_ranges, ranges)
+        excluded = nodes_matching(model, [*keep_float, *p['exclude']]) + rescales
         out = out_dir / 'model_int8.onnx'
         quantize_static(
             str(prepared), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges),
@@ -253,15 +264,11 @@ class Runtime:
                               'activation_symmetric': symmetric,
                               'percentile': float(p['calibration']['percentile'])})
 
-    def _calibrate(self, model: Path, reader, method, symmetric: bool, ranges: Path) -> None:
-        """Activation ranges from the calibration images, with onnxruntime's calibrators, saved as the
-        calibration cache that quantize_static reads (also a reusable artifact)."""
+    def _calibrate(self, model: Path, reader, method, symmetric: bool):
+        """Activation ranges (TensorsData) from the calibration images, with onnxruntime's calibrators."""
         import tempfile
 
-        from onnxruntime.quantization.calibrate import (
-            create_calibrator,
-            save_tensors_data,
-        )
+        from onnxruntime.quantization.calibrate import create_calibrator
 
         options = {'symmetric': symmetric, 'percentile': float(self.precision['calibration']['percentile']),
                    'num_bins': ENTROPY_BINS if method.name == 'Entropy' else 2048}
@@ -269,7 +276,7 @@ class Runtime:
             calibrator = create_calibrator(model, None, augmented_model_path=str(Path(tmp) / 'augmented.onnx'),
                                            calibrate_method=method, extra_options=options)
             calibrator.collect_data(reader)
-            save_tensors_data(calibrator.compute_data(), ranges)
+            return calibrator.compute_data()
 
     def load(self, artifact: Artifact) -> OrtSession:
         return OrtSession(artifact.path, self.intra_op_threads, self.allow_spinning)

@@ -131,9 +131,6 @@ class Runtime:
             if self.precision.get('exclude'):
                 raise UserError('precision.exclude: runtime=vacc cannot keep layers in float through the vamc '
                                 'build config written here; remove the option')
-            if self.precision.get('space_to_depth'):
-                raise UserError('precision.space_to_depth: a rewrite for ONNX Runtime\'s int8 kernels; vamc compiles '
-                                'the export as it is, set it to false')
         if model_prefix and not Path(f'{model_prefix}.so').is_file():
             raise UserError(f'runtime.model_prefix={model_prefix}: {model_prefix}.so not found '
                             '(give the compiled model prefix, e.g. deploy_weights/<name>/mod)')

@@ -71,12 +71,6 @@ def test_bad_vacc_options_are_one_line_errors(override, message):
         check_inputs(compose_cfg('runtime=vacc', 'precision=fp16', override))
 
 
-def test_space_to_depth_is_refused_for_vacc():
-    """vamc compiles the export as it is: an ONNX Runtime rewrite must not look applied."""
-    with pytest.raises(UserError, match='precision.space_to_depth'):
-        check_inputs(compose_cfg('runtime=vacc', 'precision=int8', 'precision.space_to_depth=true'))
-
-
 def test_export_writes_seed_shaped_build_files_without_sdk(no_sdk, assets, demo_subset_data, tmp_path,
                                                           vamc):
     result = run(compose_cfg('task=export', 'runtime=vacc', 'precision=int8', *demo_subset_data,
