@@ -59,22 +59,23 @@ def test_each_method_gives_a_model_close_to_fp32(exported, tmp_path, method):
 
 def test_equalized_raw_map_convs_are_int8_in_one_range_and_restored_in_float(exported, tmp_path):
     """Equalizing scales each raw-map channel to a largest magnitude of 1 on the calibration images, so the
-    convs' quantized outputs share one range [-1, 1] that fits box offsets and logits alike; a float Mul
-    restores the raw maps."""
+    convs' quantized outputs share one range [-1, 1] that fits box offsets and logits alike; the float rescale
+    that restores the raw maps ends up folded into a per-channel DequantizeLinear."""
     import onnx
 
     runtime, artifact = _int8(exported, tmp_path, raw_maps={'equalize': RAW_MAP_CONVS})
     assert artifact.info['equalized_convs'] == RAW_MAP_CONVS
+    assert len(artifact.info['folded_rescales']) == 3
     graph = onnx.load(str(artifact.path)).graph
     producers = {out: node for node in graph.node for out in node.output}
-    rescales = [n for n in graph.node if n.name.endswith('_rescale')]
-    assert len(rescales) == 3 and all(n.op_type == 'Mul' for n in rescales)
-    # the convs' outputs are quantized (Conv -> Q -> DQ -> Mul) and the Mul gives the raw map in float
-    assert all(producers[n.input[0]].op_type == 'DequantizeLinear' for n in rescales)
-    assert {n.output[0] for n in rescales} == {o.name for o in graph.output}
+    assert not [n for n in graph.node if n.name.endswith('_rescale')]
     ranges = json.loads((tmp_path / 'calibration.json').read_text())['data']
-    for rescale in rescales:
-        low, high = (np.asarray(ranges[f'{rescale.output[0]}_equalized'][k]['data']) for k in ('lowest', 'highest'))
+    for raw_map in graph.output:
+        # Conv -> Q (one range) -> per-channel DQ: the raw map in float
+        dequantize = producers[raw_map.name]
+        assert dequantize.op_type == 'DequantizeLinear' and dequantize.attribute[0].i == 1
+        assert producers[dequantize.input[0]].op_type == 'QuantizeLinear'
+        low, high = (np.asarray(ranges[f'{raw_map.name}_equalized'][k]['data']) for k in ('lowest', 'highest'))
         assert max(-low.min(), high.max()) == pytest.approx(1, abs=1e-5)
     assert compare_maps(exported[3], runtime.load(artifact).run(exported[2]))['min_cosine'] > 0.99
 
@@ -214,6 +215,37 @@ def test_fp16_and_int8_cost_on_coco128(coco128, tmp_path):
     assert int8['precision_details']['calibration_disjoint']
     assert int8['delta']['device_minus_reference'] >= -0.010, int8['delta']
     assert int8['reference']['bbox_mAP'] == fp16['reference']['bbox_mAP']
+
+
+def test_rescale_folded_into_its_dequantize_gives_the_same_maps():
+    """DQ (one scale) -> Mul by a per-channel constant becomes one per-channel DQ with the same outputs; a DQ read
+    by anything else as well stays as it is."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.onnx import fold_rescales_into_dequantize
+
+    constants = [numpy_helper.from_array(np.array(0.05, np.float32), 's'),
+                 numpy_helper.from_array(np.array(128, np.uint8), 'z'),
+                 numpy_helper.from_array(np.array([2, 0.5, 7], np.float32).reshape(1, 3, 1, 1), 'magnitude')]
+    nodes = [helper.make_node('DequantizeLinear', ['q', 's', 'z'], ['a'], name='dq_a'),
+             helper.make_node('Mul', ['a', 'magnitude'], ['map_a'], name='a_rescale'),
+             helper.make_node('DequantizeLinear', ['q', 's', 'z'], ['b'], name='dq_b'),
+             helper.make_node('Mul', ['b', 'magnitude'], ['map_b'], name='b_rescale')]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info('q', TensorProto.UINT8, [1, 3, 2, 2])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                               for name in ('map_a', 'map_b', 'b')], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)], ir_version=8)
+    q = np.random.default_rng(0).integers(0, 256, (1, 3, 2, 2), dtype=np.uint8)
+
+    def outputs(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider']).run(None, {'q': q})
+
+    before = outputs(model)
+    assert fold_rescales_into_dequantize(model, ['a_rescale', 'b_rescale']) == ['a_rescale']
+    assert [n.name for n in model.graph.node] == ['dq_a', 'dq_b', 'b_rescale']
+    for expected, got in zip(before, outputs(model)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_equalizing_a_conv_shared_by_levels_keeps_its_outputs(tmp_path):
