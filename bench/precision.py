@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=0)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1], metavar='B',
                         help='images per session.run; --num is rounded down to a multiple of each')
-    parser.add_argument('--instances', type=int, nargs='+', default=[1], metavar='K',
+    parser.add_argument('--instances', type=int, nargs='+', default=[1, 2], metavar='K',
                         help='sessions running at once, each on its share of the batches; more than one: one '
                              'thread each (as task=bench), so they do not fight over the cores')
     parser.add_argument('--spinning', action='store_true',
