@@ -158,7 +158,8 @@ def fold_rescales_into_dequantize(model, rescales: list[str]) -> list[str]:
     for name in [i for node in model.graph.node for i in node.input] + [o.name for o in model.graph.output]:
         readers[name] = readers.get(name, 0) + 1
     folded, replaced = [], set()
-    for mul in [n for n in model.graph.node if n.name in set(rescales)]:
+    wanted = set(rescales)
+    for mul in [n for n in model.graph.node if n.name in wanted]:
         dequantize = producers.get(mul.input[0])
         if (dequantize is None or dequantize.op_type != 'DequantizeLinear' or readers[mul.input[0]] != 1
                 or not all(name in initializers for name in dequantize.input[1:3]) or mul.input[1] not in initializers):
@@ -281,7 +282,7 @@ class Runtime:
         regrouped = space_to_depth_convs(model) if self.int8_space_to_depth else []
         if regrouped:
             for node in model.graph.node:
-                if node.op_type == 'SpaceToDepth':
+                if node.op_type == 'SpaceToDepth' and node.output[0] not in tensor_ranges.data:
                     tensor_ranges.data[node.output[0]] = tensor_ranges.data[node.input[0]]
             onnx.save(model, str(prepared))
         ranges = out_dir / 'calibration.json'
