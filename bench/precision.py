@@ -35,7 +35,8 @@ def main() -> None:
                         help='sessions running at once, each on its share of the batches; more than one: one '
                              'thread each (as task=bench), so they do not fight over the cores')
     parser.add_argument('--spinning', action='store_true',
-                        help="ONNX Runtime's threads busy-wait between calls (its default; the evaluation loop's is off)")
+                        help="ONNX Runtime's threads busy-wait between calls "
+                             "(its default; the evaluation loop's is off)")
     parser.add_argument('--int8', action='append', default=[], metavar='"OVERRIDE …"',
                         help='an int8 variant to measure too, e.g. "precision.raw_map_convs=float"')
     args = parser.parse_args()
@@ -76,9 +77,8 @@ def main() -> None:
         sessions = {}  # (name, instances) -> that many sessions of one build
         for i, (name, cfg) in enumerate(configs.items()):
             precision = cfg['precision']
-            options = {k: v for k, v in cfg['runtime'].items() if k not in ('name', 'intra_op_threads')}
-            runtime = get_runtime('onnx', precision=precision, intra_op_threads=args.threads,
-                                  **{**options, 'allow_spinning': args.spinning})
+            options = {**cfg['runtime'], 'intra_op_threads': args.threads, 'allow_spinning': args.spinning}
+            runtime = get_runtime(options.pop('name'), precision=precision, **options)
             calibration = None
             if precision['name'] == 'int8':
                 settings = precision['calibration']

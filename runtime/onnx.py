@@ -2,6 +2,7 @@
 inputs/outputs kept), int8 quantizes it statically with onnxruntime.quantization and a calibration set."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +155,8 @@ def fold_rescales_into_dequantize(model, rescales: list[str]) -> list[str]:
 
     initializers = {i.name: i for i in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
-    readers = {}  # how many nodes, and graph outputs, read each tensor
-    for name in [i for node in model.graph.node for i in node.input] + [o.name for o in model.graph.output]:
-        readers[name] = readers.get(name, 0) + 1
+    # how many nodes, and graph outputs, read each tensor
+    readers = Counter([i for node in model.graph.node for i in node.input] + [o.name for o in model.graph.output])
     folded, replaced = [], set()
     wanted = set(rescales)
     for mul in [n for n in model.graph.node if n.name in wanted]:
