@@ -47,19 +47,25 @@ def digest(paths: list[Path]) -> str:
 
 
 class CalibrationReader:
-    """onnxruntime's CalibrationDataReader contract: `get_next()` gives one input dict, then None. Each pass over
-    the images shows a progress bar (a pass over 100 images takes a while)."""
+    """onnxruntime's CalibrationDataReader contract: `get_next()` gives one input dict, then None; `set_range`
+    limits that to a slice of the images. Each pass over the images shows a progress bar (a pass over 100 images
+    takes a while), one bar across the slices of a pass."""
 
     def __init__(self, paths: list[Path], preprocess: Callable[[Path], np.ndarray], input_name: str = 'input'):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.input_name = input_name
         self.position = 0
+        self.end = len(self.paths)
         self.bar = None
 
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.position, self.end = start_index, min(end_index, len(self.paths))
+
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.paths):
-            self._close_bar()
+        if self.position >= self.end:
+            if self.position >= len(self.paths):
+                self._close_bar()
             return None
         if self.bar is None:
             from tqdm import tqdm
@@ -71,7 +77,7 @@ class CalibrationReader:
 
     def rewind(self) -> None:
         self._close_bar()
-        self.position = 0
+        self.position, self.end = 0, len(self.paths)
 
     def _close_bar(self) -> None:
         if self.bar is not None:

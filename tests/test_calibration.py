@@ -49,6 +49,22 @@ def test_reader_follows_the_onnxruntime_contract(image_dir):
     assert reader.get_next()['input'][0, 0, 0, 0] == 0
 
 
+def test_reader_serves_slices_under_one_progress_bar(image_dir, capsys):
+    """set_range (onnxruntime's interface) limits get_next to a slice; the pass's bar ends with the last slice."""
+    paths = sorted(image_dir.glob('*.jpg'))[:3]
+    reader = CalibrationReader(paths, lambda p: np.full((1, 3, 2, 2), int(p.stem), np.float32))
+    served = []
+    for start in (0, 2):
+        reader.set_range(start, start + 2)
+        while (batch := reader.get_next()) is not None:
+            served.append(int(batch['input'][0, 0, 0, 0]))
+        served.append(None)
+    assert served == [0, 1, None, 2, None] and reader.bar is None
+    assert capsys.readouterr().err.count('3/3') == 1
+    reader.rewind()
+    assert len([b for b in iter(reader.get_next, None)]) == 3
+
+
 def test_each_pass_shows_its_progress(image_dir, capsys):
     paths = sorted(image_dir.glob('*.jpg'))[:3]
     reader = CalibrationReader(paths, lambda p: np.zeros((1, 3, 2, 2), np.float32))

@@ -88,6 +88,31 @@ def test_calibration_is_reproducible(exported, tmp_path):
     assert first == second
 
 
+def test_calibration_is_fed_a_few_images_at_a_time(exported, tmp_path, monkeypatch):
+    """onnxruntime's histogram calibrators keep every activation of the images of one collect_data call: they get
+    CALIBRATION_CHUNK images per call (100 images at once ran out of memory); max ranges merge to the same model."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    import runtime.onnx
+
+    per_call = []
+    collect = HistogramCalibrater.collect_data
+
+    def counting(self, reader):
+        start = reader.position
+        collect(self, reader)
+        per_call.append(reader.position - start)
+
+    monkeypatch.setattr(HistogramCalibrater, 'collect_data', counting)
+    for name in ('whole', 'chunked'):
+        (tmp_path / name).mkdir()
+    whole = _int8(exported, tmp_path / 'whole')[1].path.read_bytes()
+    monkeypatch.setattr(runtime.onnx, 'CALIBRATION_CHUNK', 1)
+    assert _int8(exported, tmp_path / 'chunked')[1].path.read_bytes() == whole
+    _int8(exported, tmp_path / 'chunked', method='percentile')
+    assert per_call == [1, 1]
+
+
 def test_fp16_model_runs_close_to_fp32(exported, tmp_path):
     out = exported[0]
     runtime = get_runtime('onnx', precision={'name': 'fp16'})
