@@ -46,10 +46,9 @@ def main() -> None:
     import numpy as np
     import torch
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from integrations import assets
-    from integrations.config import register_resolvers
+    from integrations.config import plain, register_resolvers
     from integrations.deploy import loop_preprocessing, raw_map_conv_handling
     from integrations.export import RawMapGraph, export_onnx
     from integrations.mmengine.runner import build_model, load_model_config
@@ -68,8 +67,7 @@ def main() -> None:
     variants = {'fp32': ['precision=fp32'], 'fp16': ['precision=fp16'], 'int8': ['precision=int8']}
     variants.update({f'int8 {v}': ['precision=int8', *v.split()] for v in args.int8})
     with initialize_config_dir(str(ROOT / 'conf'), version_base='1.3'):
-        configs = {name: OmegaConf.to_container(compose('config', overrides), resolve=True)
-                   for name, overrides in variants.items()}
+        configs = {name: plain(compose('config', overrides)) for name, overrides in variants.items()}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         with cut_head(model):

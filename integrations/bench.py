@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from integrations.config import plain
 
 REPLAY_PASSES = 3
-SCENARIOS = ('offline', 'single_stream')
 
 
 def latency_stats(seconds: list[float]) -> dict:
@@ -120,8 +121,8 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
         preprocess = loop_preprocessing(runner.cfg, model)
         images = [preprocess(p) for p in tqdm(paths, desc='preprocessing', unit='image')]
         prepare, stack = np.ascontiguousarray, np.concatenate
-    options = OmegaConf.to_container(cfg.runtime, resolve=True)  # plain lists and dicts, as the build's runtime got
-    runtime = get_runtime(options.pop('name'), precision=OmegaConf.to_container(cfg.precision, resolve=True),
+    options = plain(cfg.runtime)  # as the build's runtime got them
+    runtime = get_runtime(options.pop('name'), precision=plain(cfg.precision),
                           **options)
     built = hook.report
     artifact = Artifact(Path(built['artifacts']['runtime']), built['precision'], Path(built['build_dir']))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from integrations.errors import UserError
+from common.errors import UserError
 
 
 def _class_function(owner, name: str):

@@ -1,8 +1,19 @@
-"""Hydra/OmegaConf glue that must stay importable without torch (`run.py --help` is instant)."""
-import re
-from pathlib import Path
+"""Hydra/OmegaConf glue that must stay importable without torch (`run.py --help` is instant).
 
-from omegaconf import OmegaConf
+Every option's type is declared here once, as structured configs in Hydra's ConfigStore; the YAML files under
+conf/ extend them (their defaults list starts with the schema) and hold the values and their comments. Hydra so rejects
+a value of the wrong type, a choice outside its list or an unknown key while composing, before anything runs.
+What code still checks is ranges and rules across options (integrations/app.py, each runtime's constructor).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,9 +26,258 @@ def yolov5_variant(config: str) -> str:
     return match.group(1) + (match.group(2) or '') if match else Path(name).stem
 
 
+# ---- choices (StrEnum: the members compare equal to their names and print as them)
+
+class Task(StrEnum):
+    eval = 'eval'        # evaluate device and native side by side (results.json)
+    bench = 'bench'      # speed figures (bench.json)
+    export = 'export'    # the build files only, to carry to a machine with a card
+    npz = 'npz'          # vamp's image -> npz datalist
+    cache = 'cache'      # list or clean the artifact cache
+
+
+class Scenario(StrEnum):
+    offline = 'offline'
+    single_stream = 'single_stream'
+
+
+class ReferencePrecision(StrEnum):
+    fp32 = 'fp32'
+    fp16 = 'fp16'
+
+
+class CacheClean(StrEnum):
+    all = 'all'
+    invalid = 'invalid'
+
+
+class CalibrationMethod(StrEnum):  # VastAI's names (vamc's calibrate_mode)
+    max = 'max'
+    kl_divergence = 'kl_divergence'
+    percentile = 'percentile'
+    mse = 'mse'
+
+
+class QuantFormat(StrEnum):
+    qdq = 'qdq'
+    qoperator = 'qoperator'
+
+
+class RawMapConvs(StrEnum):
+    equalized = 'equalized'
+    float = 'float'
+    int8 = 'int8'
+
+
+class ResizeType(StrEnum):  # the VDSP op's ResizeType values that VastAI's files use
+    BILINEAR = 'BILINEAR'
+    BILINEAR_CV = 'BILINEAR_CV'
+    BILINEAR_PILLOW = 'BILINEAR_PILLOW'
+    NEAREST = 'NEAREST'
+    BICUBIC_PILLOW = 'BICUBIC_PILLOW'
+    LANCZOS_PILLOW = 'LANCZOS_PILLOW'
+
+
+class Launcher(StrEnum):  # mmengine's launchers
+    none = 'none'
+    pytorch = 'pytorch'
+    slurm = 'slurm'
+    mpi = 'mpi'
+
+
+class LogLevel(StrEnum):
+    DEBUG = 'DEBUG'
+    INFO = 'INFO'
+    WARNING = 'WARNING'
+    ERROR = 'ERROR'
+
+
+# ---- the root config (conf/config.yaml)
+
+@dataclass
+class EvalConf:
+    score_thr: Optional[float] = MISSING
+    nms_iou: Optional[float] = MISSING
+    max_per_img: Optional[int] = MISSING
+    nms_pre: Optional[int] = MISSING
+    compare_native: bool = MISSING
+    reference: Optional[ReferencePrecision] = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    prefetch: int = MISSING
+    num_images: Optional[int] = MISSING
+    overlap: bool = MISSING
+    host_threads: Optional[int] = MISSING
+
+
+@dataclass
+class BenchConf:
+    scenario: Scenario = MISSING
+    batch_sizes: list[int] = MISSING
+    instances: list[int] = MISSING
+    warmup: int = MISSING
+    iterations: int = MISSING
+    replay_latency_ms: Optional[float] = MISSING
+
+
+@dataclass
+class ExportConf:
+    opset: int = MISSING
+    simplify: bool = MISSING
+    torchscript: bool = MISSING
+
+
+@dataclass
+class CacheConf:
+    enabled: bool = MISSING
+    dir: str = MISSING
+    clean: Optional[CacheClean] = MISSING
+
+
+@dataclass
+class InloopConf:
+    task: Task = MISSING
+    eval: EvalConf = field(default_factory=EvalConf)
+    bench: BenchConf = field(default_factory=BenchConf)
+    export: ExportConf = field(default_factory=ExportConf)
+    cache: CacheConf = field(default_factory=CacheConf)
+    # the groups: each option's YAML extends its own schema below
+    model: Any = MISSING
+    precision: Any = MISSING
+    runtime: Any = MISSING
+    data: Any = MISSING
+    engine: Any = MISSING
+
+
+# ---- the groups (conf/<group>/<option>.yaml)
+
+@dataclass
+class ModelConf:
+    family: str = MISSING
+    variant: str = MISSING
+    label_space: str = MISSING
+    config: str = MISSING
+    checkpoint: Optional[str] = MISSING
+    trust_checkpoint: bool = MISSING
+    init_seed: Optional[int] = None  # RetinaNet without a checkpoint: the seed of its random weights
+
+
+@dataclass
+class PrecisionConf:
+    name: str = MISSING
+
+
+@dataclass
+class CalibrationConf:
+    method: CalibrationMethod = MISSING
+    percentile: float = MISSING
+    num_images: int = MISSING
+    data: str = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class Int8Conf(PrecisionConf):
+    calibration: CalibrationConf = field(default_factory=CalibrationConf)
+    per_channel: bool = MISSING
+    format: QuantFormat = MISSING
+    activation_symmetric: bool = MISSING
+    raw_map_convs: RawMapConvs = MISSING
+    exclude: list[str] = MISSING
+
+
+@dataclass
+class OnnxConf:
+    name: str = MISSING
+    intra_op_threads: int = MISSING
+    allow_spinning: bool = MISSING
+    int8_space_to_depth: bool = MISSING
+    int8_reduce_range: Optional[bool] = MISSING
+
+
+@dataclass
+class VdspConf:
+    resize_type: ResizeType = MISSING
+
+
+@dataclass
+class VaccConf:
+    name: str = MISSING
+    device_id: int = MISSING
+    batch_size: int = MISSING
+    model_prefix: Optional[str] = MISSING
+    compiler: str = MISSING
+    compile: bool = MISSING
+    vdsp: VdspConf = field(default_factory=VdspConf)
+    cluster_mode: int = MISSING
+
+
+@dataclass
+class NpzConf:
+    name: str = MISSING
+    output_dir: str = MISSING
+    datalist: str = MISSING
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING
+    img_dir: str = MISSING
+    ann_file: str = MISSING
+
+
+@dataclass
+class DemoDataConf(DataConf):
+    ann_files: dict[str, str] = MISSING  # by the model's label space
+
+
+@dataclass
+class MMEngineConf:
+    name: str = MISSING
+    log_level: LogLevel = MISSING
+    launcher: Launcher = MISSING
+    dist_backend: str = MISSING
+
+
+@dataclass
+class LightningConf:
+    name: str = MISSING
+    accelerator: str = MISSING
+    devices: Any = MISSING  # Lightning's own: a count, a list of ids or 'auto'
+    strategy: str = MISSING
+    num_nodes: int = MISSING
+    log_level: LogLevel = MISSING
+
+
+
+
+# ConfigStore names (group schema/<group>): conf/<group>/<option>.yaml starts with `- /schema/<group>/<name>@_here_`
+SCHEMAS = {
+    'schema': {'config': InloopConf},
+    'schema/model': {'model': ModelConf},
+    'schema/precision': {'precision': PrecisionConf, 'int8': Int8Conf},
+    'schema/runtime': {'onnx': OnnxConf, 'vacc': VaccConf, 'npz': NpzConf},
+    'schema/data': {'data': DataConf, 'demo': DemoDataConf},
+    'schema/engine': {'mmengine': MMEngineConf, 'lightning': LightningConf},
+}
+
+
+def plain(node) -> Any:
+    """A config node as plain Python values (dicts, lists, strings for choices), as the runtimes, the cache
+    key and the build files (YAML, JSON) take them."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
 def register_resolvers() -> None:
-    """`${inloop.root:rel/path}`: a path under the project root, wherever the command is run from;
-    `${inloop.yolov5_variant:${model.config}}`: the variant a YOLOv5 config builds."""
+    """The schemas in Hydra's ConfigStore, and the resolvers: `${inloop.root:rel/path}`, a path under the project
+    root wherever the command is run from; `${inloop.yolov5_variant:${model.config}}`, the variant a YOLOv5
+    config builds."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=group, name=name, node=node)
     if not OmegaConf.has_resolver('inloop.root'):
         OmegaConf.register_new_resolver('inloop.root', lambda rel='': str(ROOT / rel))
     if not OmegaConf.has_resolver('inloop.yolov5_variant'):

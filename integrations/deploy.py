@@ -14,12 +14,8 @@ from pathlib import Path
 import torch
 
 from evaluators.preprocess import BatchPreprocessor
-from integrations.export import (
-    RawMapGraph,
-    compare_maps,
-    export_onnx,
-    export_torchscript,
-)
+from evaluators.device import compare_maps
+from integrations.export import RawMapGraph, export_onnx, export_torchscript
 from integrations.models import get_family
 from runtime import Artifact, get_runtime
 from runtime.cache import ArtifactCache, content_key
@@ -122,7 +118,8 @@ class DeviceBuild:
         model_cfg = _without_eval_settings(mm_cfg.model.to_dict())
         calibrated = bool(self.calibration_info)
         return {'weights': state_digest(model), 'model': model_cfg, 'family': self.family_name,
-                'shape': shape, 'export': self.export_cfg, 'runtime': self.runtime_cfg,
+                'shape': shape, 'export': self.export_cfg,
+                'runtime': {**self.runtime_cfg, **getattr(runtime, 'resolved_options', dict)()},
                 'precision': self.precision, 'reference': self.reference, 'raw_map_convs': raw_map_convs,
                 'calibration': self.calibration_info.get('calibration_digest'),
                 'preprocessing': str(mm_cfg.test_dataloader.dataset.pipeline) if calibrated else None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -46,15 +45,3 @@ def export_onnx(graph: torch.nn.Module, sample: torch.Tensor, path: Path, output
 def export_torchscript(graph: torch.nn.Module, sample: torch.Tensor, path: Path) -> None:
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(graph, sample), str(path))
-
-
-def compare_maps(reference: list, candidate: list) -> dict:
-    """Max abs difference and min cosine similarity over a list of same-shaped raw maps."""
-    max_abs, min_cos = 0.0, 1.0
-    for ref, cand in zip(reference, candidate):
-        ref = np.asarray(ref, np.float64).reshape(ref.shape[0], -1)
-        cand = np.asarray(cand, np.float64).reshape(cand.shape[0], -1)
-        max_abs = max(max_abs, float(np.abs(ref - cand).max()))
-        cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12)
-        min_cos = min(min_cos, float(cos.min()))
-    return {'max_abs_diff': max_abs, 'min_cosine': min_cos}

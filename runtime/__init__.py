@@ -27,6 +27,6 @@ def get_runtime(name: str, **options):
     except ModuleNotFoundError as err:
         if err.name != f'runtime.{name}':
             raise
-        from integrations.errors import UserError
+        from common.errors import UserError
         raise UserError(f'runtime={name}: no such runtime (see conf/runtime/)') from None
     return module.Runtime(**options)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from integrations.errors import UserError, check_whole_number
+from common.errors import UserError, check_at_least
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.webp'}
 
@@ -21,8 +21,8 @@ def select_images(source: str | Path, num_images: int, seed: int, exclude: set[P
     when nothing else is there (e.g. calibrating on the demo set while evaluating it).
     """
     source = Path(source)
-    check_whole_number('precision.calibration.num_images', num_images, 1)
-    check_whole_number('precision.calibration.seed', seed, 0)
+    check_at_least('precision.calibration.num_images', num_images, 1)
+    check_at_least('precision.calibration.seed', seed, 0)
     if not source.is_dir():
         raise UserError(f'precision.calibration.data={source}: directory not found')
     images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

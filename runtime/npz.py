@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from integrations.errors import UserError
+from common.errors import UserError
 from runtime import Artifact
 from runtime.vacc import output_shapes
 
 
 class Runtime:
     name = 'npz'
-    calibration_methods = ()
 
     def __init__(self, precision: dict, output_dir: str, datalist: str):
         self.precision = dict(precision)

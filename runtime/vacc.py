@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from integrations.errors import UserError, check_flag, check_whole_number
+from common.errors import UserError, check_at_least
 from runtime import Artifact
 
-CALIBRATION_METHODS = ('max', 'kl_divergence', 'percentile', 'mse')  # vamc's calibrate_mode values
-RESIZE_TYPES = ('BILINEAR', 'BILINEAR_CV', 'BILINEAR_PILLOW', 'NEAREST', 'BICUBIC_PILLOW', 'LANCZOS_PILLOW')
 LETTERBOX_OP = 'FUSION_OP_RGB_LETTERBOX_CVTCOLOR_NORM_TENSOR'
 RESIZE_OP = 'FUSION_OP_RGB_RESIZE_CVTCOLOR_NORM_TENSOR'
 SDK_HINT = ("install VastAI's vaststreamx SDK (v2.8+, from VastAI's software ecosystem, not on PyPI) on a machine "
@@ -101,15 +99,13 @@ class Runtime:
     """
 
     name = 'vacc'
-    calibration_methods = CALIBRATION_METHODS
 
     def __init__(self, precision: dict, device_id: int = 0, batch_size: int = 1, model_prefix: str | None = None,
                  compiler: str = 'vamc', compile: bool = True, vdsp: dict | None = None,
                  cluster_mode: int = 0):
-        check_whole_number('runtime.device_id', device_id, 0)
-        check_whole_number('runtime.batch_size', batch_size, 1)
-        check_whole_number('runtime.cluster_mode', cluster_mode, 0)
-        check_flag('runtime.compile', compile)
+        check_at_least('runtime.device_id', device_id, 0)
+        check_at_least('runtime.batch_size', batch_size, 1)
+        check_at_least('runtime.cluster_mode', cluster_mode, 0)
         self.precision = dict(precision)
         self.device_id = device_id
         self.batch_size = batch_size
@@ -121,16 +117,9 @@ class Runtime:
         name = self.precision['name']
         if name not in ('fp16', 'int8'):
             raise UserError(f'precision={name}: runtime=vacc supports fp16, int8')
-        if self.resize_type not in RESIZE_TYPES:
-            raise UserError(f'runtime.vdsp.resize_type={self.resize_type}: choose from {", ".join(RESIZE_TYPES)}')
-        if name == 'int8':
-            method = self.precision['calibration']['method']
-            if method not in CALIBRATION_METHODS:
-                raise UserError(f'precision.calibration.method={method}: runtime=vacc supports '
-                                f'{", ".join(CALIBRATION_METHODS)}')
-            if self.precision.get('exclude'):
-                raise UserError('precision.exclude: runtime=vacc cannot keep layers in float through the vamc '
-                                'build config written here; remove the option')
+        if name == 'int8' and self.precision.get('exclude'):
+            raise UserError('precision.exclude: runtime=vacc cannot keep layers in float through the vamc '
+                            'build config written here; remove the option')
         if model_prefix and not Path(f'{model_prefix}.so').is_file():
             raise UserError(f'runtime.model_prefix={model_prefix}: {model_prefix}.so not found '
                             '(give the compiled model prefix, e.g. deploy_weights/<name>/mod)')

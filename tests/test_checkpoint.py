@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from integrations.checkpoint import apply_state_dict, load_state_dict
-from integrations.errors import UserError
+from common.errors import UserError
 
 
 class _Payload:

@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from integrations.export import RawMapGraph, compare_maps, export_onnx
+from evaluators.device import compare_maps
+from integrations.export import RawMapGraph, export_onnx
 from integrations.models.yolov5 import cut_head
 from runtime.onnx import OrtSession
 

@@ -8,7 +8,7 @@ import pytest
 
 from integrations.app import run
 from integrations.config import ROOT
-from integrations.errors import UserError
+from common.errors import UserError
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 

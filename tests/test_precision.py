@@ -7,8 +7,9 @@ import torch
 
 from integrations.app import run
 from integrations.deploy import loop_preprocessing
-from integrations.errors import UserError
-from integrations.export import RawMapGraph, compare_maps, export_onnx
+from common.errors import UserError
+from evaluators.device import compare_maps
+from integrations.export import RawMapGraph, export_onnx
 from integrations.models.yolov5 import cut_head
 from runtime import get_runtime
 from runtime.calibration import CalibrationReader
@@ -123,8 +124,7 @@ def test_fp16_model_runs_close_to_fp32(exported, tmp_path):
 
 @pytest.mark.parametrize('changes,message', [
     (dict(method='mse'), 'runtime=onnx supports max, kl_divergence, percentile'),
-    (dict(percentile=100.5), 'percentile=100.5'), (dict(format='qlinear'), 'precision.format=qlinear'),
-    (dict(raw_map_convs='fp16'), 'precision.raw_map_convs=fp16: use equalized, float or int8')])
+    (dict(percentile=100.5), 'percentile=100.5'), (dict(percentile=0), 'percentile=0: must be in')])
 def test_bad_int8_options(changes, message):
     precision = json.loads(json.dumps(INT8))
     for key, value in changes.items():
@@ -200,8 +200,8 @@ def test_space_to_depth_rewrites_only_even_stride_2_convs_on_few_channels_and_ke
     assert space_to_depth_convs(model) == ['stem']
     assert [n.op_type for n in model.graph.node] == ['SpaceToDepth', 'Conv', 'Conv', 'Conv', 'Conv']
     assert [n.name for n in model.graph.node if n.op_type == 'Conv'] == ['stem', 'odd', 'wide', 'flat']
-    for expected, got in zip(before, outputs(model)):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for expected, got in zip(before, outputs(model)):  # the same sums in another order: float32 rounding only
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_space_to_depth_gives_the_same_int8_results(exported, tmp_path):
@@ -218,11 +218,6 @@ def test_space_to_depth_gives_the_same_int8_results(exported, tmp_path):
     assert 'SpaceToDepth' in {n.op_type for n in onnx.load(str(on.path)).graph.node}
     for expected, got in zip(off_runtime.load(off).run(exported[2]), on_runtime.load(on).run(exported[2])):
         np.testing.assert_array_equal(got, expected)
-
-
-def test_space_to_depth_option_is_a_flag():
-    with pytest.raises(UserError, match='runtime.int8_space_to_depth=yes: use true or false'):
-        get_runtime('onnx', precision=INT8, int8_space_to_depth='yes')
 
 
 def test_unknown_exclude_name_is_an_error(exported, tmp_path):
@@ -324,3 +319,28 @@ def test_equalizing_a_conv_shared_by_levels_keeps_its_outputs(tmp_path):
               for x in inputs]
     magnitude = np.max([np.abs(m).max(axis=(0, 2, 3)) for run in scaled for m in run], axis=0)
     assert np.allclose(magnitude, 1, atol=1e-6)
+
+
+def test_weights_take_7_bits_on_a_cpu_without_vnni(exported, tmp_path, monkeypatch):
+    """ONNX Runtime's uint8 x int8 kernels without VNNI saturate their int16 pair sums (YOLOv5s int8 lost 3.1
+    points on coco128 that way): there the weights use 7 bits; with VNNI, or when told, 8."""
+    import onnx
+    from onnx import numpy_helper
+
+    import runtime.onnx
+
+    def weight_range(artifact):
+        model = onnx.load(str(artifact.path))
+        weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        return max(int(np.abs(weights[n.input[0]].astype(np.int32)).max()) for n in model.graph.node
+                   if n.op_type == 'DequantizeLinear' and weights.get(n.input[0], np.zeros(0)).dtype == np.int8)
+
+    for name in ('avx2', 'vnni', 'told'):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(runtime.onnx, 'has_vnni', lambda: False)
+    narrow_runtime, narrow = _int8(exported, tmp_path / 'avx2')
+    assert narrow.info['reduce_range'] and narrow_runtime.resolved_options() == {'int8_reduce_range': True}
+    assert weight_range(narrow) <= 64
+    monkeypatch.setattr(runtime.onnx, 'has_vnni', lambda: True)
+    assert weight_range(_int8(exported, tmp_path / 'vnni')[1]) == 127
+    assert weight_range(_int8(exported, tmp_path / 'told', runtime_options={'int8_reduce_range': True})[1]) <= 64

@@ -13,7 +13,7 @@ import torch
 
 from integrations.app import run
 from integrations.config import ROOT
-from integrations.errors import UserError
+from common.errors import UserError
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 CONFIG = ROOT / 'configs' / 'mlperf_retinanet_800.py'

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from integrations.errors import UserError
+from common.errors import UserError
 
 
 def build_trainer(cfg: DictConfig, mm_cfg):

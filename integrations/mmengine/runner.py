@@ -6,9 +6,10 @@ import copy
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from integrations.errors import UserError
+from common.errors import UserError
+from integrations.config import plain
 from integrations.models import get_family
 
 CUSTOM_IMPORTS = ['integrations.mmengine.hooks', 'evaluators.mmengine']
@@ -96,8 +97,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}',
               'reference': f'{cfg.runtime.name} {cfg.eval.reference}'}
     mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels, overlap=cfg.eval.overlap)
-    runtime = OmegaConf.to_container(cfg.runtime, resolve=True)
-    precision = OmegaConf.to_container(cfg.precision, resolve=True)
+    runtime = plain(cfg.runtime)
+    precision = plain(cfg.precision)
     # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
     # the evaluation tests exactly the checkpoint's state_dict
     kept_hooks = [h for h in mm_cfg.get('custom_hooks', []) if 'EMAHook' not in h['type']]
