@@ -1,38 +1,95 @@
-"""OpenImages-MLPerf mAP: pycocotools over the MLPerf-format ground truth, as MLPerf's accuracy script computes
-it (standard COCOeval parameters, all categories), printed with its `mAP=xx.xxx%` line."""
-from __future__ import annotations
+"""The evaluation's COCO metrics, streamed: each image is matched as it arrives (evaluators/cocoeval.py) and only
+its packed match record is kept, so evaluating N images holds N small records instead of every detection as a
+Python dict (mmdet's CocoMetric keeps all detections and then builds pycocotools' evalImgs for all of them).
 
-import tempfile
-from pathlib import Path
+- `StreamingCocoMetric`: mmdet's CocoMetric (bbox) with the same figures, rounding and printout; the model config's
+  `mmdet.CocoMetric` runs as it (integrations/mmengine/runner.py swaps it in when its options allow).
+- `OpenImagesMLPerfMetric`: MLPerf's accuracy script's evaluation (pycocotools, default COCOeval parameters,
+  every category of the file, label i = category id i, unrounded), printed with its `mAP=xx.xxx%` line.
+
+After `evaluate`, `metric.stream` and `metric.records` (every image's record, in COCOeval's order) stay on the
+metric for what comes after the figures (the bootstrap interval, per-class AP).
+"""
+from __future__ import annotations
 
 from mmdet.evaluation.metrics import CocoMetric
 from mmdet.registry import METRICS
 
-from evaluators.mmengine import SUMMARY_KEYS
+from evaluators.cocoeval import StreamingCocoEval
+
+SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+
+
+class StreamedMetric:
+    """The streaming part shared by both metrics: `process` matches each image, `compute_metrics` accumulates.
+    The ground truth's segmentation polygons are dropped once loaded: bbox evaluation never reads them, and on
+    COCO they are most of what the annotations hold."""
+
+    max_dets: tuple = (1, 10, 100)
+    stream: StreamingCocoEval | None = None
+    records: list = []
+
+    def evaluated_categories(self) -> list[int]:
+        raise NotImplementedError
+
+    def _stream(self) -> StreamingCocoEval:
+        if self.stream is None:
+            for annotation in self._coco_api.dataset['annotations']:
+                annotation.pop('segmentation', None)
+            self.stream = StreamingCocoEval(self._coco_api, self.evaluated_categories(), self.max_dets,
+                                            img_ids=self.img_ids)
+        return self.stream
+
+    def process(self, data_batch, data_samples) -> None:
+        stream = self._stream()
+        for sample in data_samples:
+            pred = sample['pred_instances']
+            self.results.append(stream.evaluate_image(sample['img_id'], pred['bboxes'].cpu().numpy(),
+                                                      pred['scores'].cpu().numpy(), pred['labels'].cpu().numpy()))
+
+    def accumulated_stats(self, results: list):
+        """(stats, accumulated) of the gathered records; the 12-line summary printed as pycocotools prints it."""
+        stream = self._stream()
+        self.records = stream.complete(results)
+        accumulated = stream.accumulate(self.records)
+        return stream.summarize(accumulated), accumulated
 
 
 @METRICS.register_module()
-class OpenImagesMLPerfMetric(CocoMetric):
-    """mmdet's CocoMetric collects the predictions (label i -> category id i); the evaluation is MLPerf's:
-    COCOeval with its default maxDets (1, 10, 100) over every category of the file, unrounded figures."""
+class StreamingCocoMetric(StreamedMetric, CocoMetric):
+    """mmdet's CocoMetric for `metric='bbox'`, image by image: the same figures (tested equal), rounded to 3
+    decimals as mmdet rounds them, and the same printout."""
 
-    def compute_metrics(self, results: list) -> dict[str, float]:
-        from pycocotools.cocoeval import COCOeval
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.metrics != ['bbox'] or self.format_only or self._coco_api is None:
+            raise ValueError('StreamingCocoMetric evaluates bbox against an ann_file (use mmdet.CocoMetric '
+                             'for anything else)')
+        self.max_dets = tuple(self.proposal_nums)
 
-        _, predictions = zip(*results)
+    def evaluated_categories(self) -> list[int]:
         if self.cat_ids is None:
             self.cat_ids = self._coco_api.get_cat_ids(cat_names=self.dataset_meta['classes'])
-        with tempfile.TemporaryDirectory() as tmp:
-            files = self.results2json(predictions, str(Path(tmp) / 'results'))
-            detections = self._coco_api.loadRes(files['bbox']) if any(len(p['labels']) for p in predictions) \
-                else None
-        if detections is None:
-            print('no detections at all: mAP=0.000%', flush=True)
-            return dict.fromkeys(SUMMARY_KEYS, 0.0)
-        evaluation = COCOeval(self._coco_api, detections, iouType='bbox')
-        evaluation.params.imgIds = self._coco_api.get_img_ids()
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-        print(f'mAP={100 * evaluation.stats[0]:.3f}%', flush=True)
-        return {key: float(value) for key, value in zip(SUMMARY_KEYS, evaluation.stats)}
+        return self.cat_ids
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        stats, _ = self.accumulated_stats(results)
+        names = {'mAP': 0, 'mAP_50': 1, 'mAP_75': 2, 'mAP_s': 3, 'mAP_m': 4, 'mAP_l': 5}
+        items = self.metric_items or list(names)
+        return {f'bbox_{item}': float(f'{round(stats[names[item]], 3)}') for item in items if item in names}
+
+
+@METRICS.register_module()
+class OpenImagesMLPerfMetric(StreamedMetric, CocoMetric):
+    """MLPerf's OpenImages evaluation: COCOeval's default parameters (maxDets 1, 10, 100) over every category of
+    the file, where a detection's label is its category id; figures unrounded."""
+
+    def evaluated_categories(self) -> list[int]:
+        if self.cat_ids is None:
+            self.cat_ids = sorted(self._coco_api.get_cat_ids())
+        return self.cat_ids
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        stats, _ = self.accumulated_stats(results)
+        print(f'mAP={100 * stats[0]:.3f}%', flush=True)
+        return {key: float(value) for key, value in zip(SUMMARY_KEYS, stats)}

@@ -15,8 +15,7 @@ from mmengine.registry import EVALUATOR
 from mmengine.structures import InstanceData
 
 from evaluators.device import DeviceInference, NativeTaps
-
-SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+from evaluators.metrics import SUMMARY_KEYS  # also registers the streamed metrics the configs name
 
 
 def _with_prefix(metrics, prefix: str) -> list:

@@ -67,6 +67,15 @@ def first_images(ann_file: Path, num_images: int, output_dir: Path) -> Path:
     return path
 
 
+def streamed(metric):
+    """mmdet's CocoMetric as StreamingCocoMetric (the same figures, constant memory per image) when it evaluates
+    bbox only against an annotation file; any other metric as it is."""
+    if metric['type'] in ('CocoMetric', 'mmdet.CocoMetric') and metric.get('metric', 'bbox') in ('bbox', ['bbox']) \
+            and not metric.get('format_only'):
+        return type(metric)({**metric, 'type': 'mmdet.StreamingCocoMetric'})
+    return metric
+
+
 def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     """The model's mmengine config, pointed at `cfg.data` and extended with the export/device pieces."""
     from evaluators.preprocess import fast_packing  # also registers PackDetInputsFast
@@ -91,7 +100,7 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
         mm_cfg.model.init_seed = cfg.model.init_seed  # random weights, reproducibly
 
     metrics = mm_cfg.test_evaluator
-    metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
+    metrics = [streamed(m) for m in (metrics if isinstance(metrics, (list, tuple)) else [metrics])]
     for metric in metrics:
         metric.ann_file = dataset.ann_file
     labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}',
