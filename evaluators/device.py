@@ -59,6 +59,12 @@ class DeviceInference:
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix='runtime')
         self.decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix='decode')
 
+    def close(self) -> None:
+        """The worker threads, and the session's own resources (VACC's device worker process)."""
+        self.runner.shutdown()
+        self.decoding.shutdown()
+        getattr(self.session, 'close', lambda: None)()
+
     @property
     def reads_paths(self) -> bool:
         """The session takes the original image files (it preprocesses on the device) instead of the batch."""
@@ -80,6 +86,8 @@ class DeviceInference:
 
     def _decode(self, raw_maps: Future, metas: list[dict], native_maps) -> list[dict[str, torch.Tensor]]:
         raw_maps = raw_maps.result()
+        if hasattr(self.session, 'device_metas'):  # the device resized the images itself: its geometry
+            metas = self.session.device_metas(metas)
         if native_maps:
             diff = compare_maps(native_maps, raw_maps)
             if self.fidelity is None:

@@ -1,6 +1,8 @@
-"""The evaluation's COCO metrics, streamed: each image is matched as it arrives (evaluators/cocoeval.py) and only
-its packed match record is kept, so evaluating N images holds N small records instead of every detection as a
-Python dict (mmdet's CocoMetric keeps all detections and then builds pycocotools' evalImgs for all of them).
+"""The evaluation's COCO metrics, in constant memory per image: the loop keeps each image's detections as three
+small arrays (≈22 bytes a detection), and at the end each image is matched by pycocotools' own code
+(evaluators/cocoeval.py) and replaced by its packed match record, one at a time. mmdet's CocoMetric turns every
+detection into Python dicts and builds pycocotools' evalImgs for all of them at once (≈0.5 MB per image). The
+matching stays at the end, as in mmdet, so the loop's host side does not grow by it.
 
 - `StreamingCocoMetric`: mmdet's CocoMetric (bbox) with the same figures, rounding and printout; the model config's
   `mmdet.CocoMetric` runs as it (integrations/mmengine/runner.py swaps it in when its options allow).
@@ -12,6 +14,7 @@ metric for what comes after the figures (the bootstrap interval, per-class AP).
 """
 from __future__ import annotations
 
+import numpy as np
 from mmdet.evaluation.metrics import CocoMetric
 from mmdet.registry import METRICS
 
@@ -21,9 +24,10 @@ SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mA
 
 
 class StreamedMetric:
-    """The streaming part shared by both metrics: `process` matches each image, `compute_metrics` accumulates.
-    The ground truth's segmentation polygons are dropped once loaded: bbox evaluation never reads them, and on
-    COCO they are most of what the annotations hold."""
+    """What both metrics share: `process` keeps each image's detections compactly; `accumulated_stats` matches
+    them image by image, each image's detections replaced by its record as it goes, and accumulates. The ground
+    truth's segmentation polygons are dropped once loaded: bbox evaluation never reads them, and on COCO they are
+    most of what the annotations hold."""
 
     max_dets: tuple = (1, 10, 100)
     stream: StreamingCocoEval | None = None
@@ -41,15 +45,18 @@ class StreamedMetric:
         return self.stream
 
     def process(self, data_batch, data_samples) -> None:
-        stream = self._stream()
         for sample in data_samples:
             pred = sample['pred_instances']
-            self.results.append(stream.evaluate_image(sample['img_id'], pred['bboxes'].cpu().numpy(),
-                                                      pred['scores'].cpu().numpy(), pred['labels'].cpu().numpy()))
+            self.results.append((sample['img_id'], np.asarray(pred['bboxes'].cpu().numpy(), np.float32),
+                                 np.asarray(pred['scores'].cpu().numpy(), np.float32),
+                                 pred['labels'].cpu().numpy().astype(np.int16)))
 
     def accumulated_stats(self, results: list):
-        """(stats, accumulated) of the gathered records; the 12-line summary printed as pycocotools prints it."""
+        """(stats, accumulated) of the gathered detections; the 12-line summary printed as pycocotools prints it."""
         stream = self._stream()
+        self.results.clear()  # `results` (the gathered copy) then holds the only references to the detections
+        for i, (img_id, bboxes, scores, labels) in enumerate(results):
+            results[i] = stream.evaluate_image(img_id, bboxes, scores, labels)
         self.records = stream.complete(results)
         accumulated = stream.accumulate(self.records)
         return stream.summarize(accumulated), accumulated

@@ -32,12 +32,17 @@ class DeviceEvaluator(Evaluator):
     Args:
         metrics: metric configs (the model config's test_evaluator metrics, e.g. mmdet.CocoMetric).
         labels: printed name of each runtime path, e.g. {'device': 'onnx int8'}. Defaults to the path names.
+        overlap: run batch k on the device while batch k-1 is decoded and k-2 scored.
+        save_txt: a folder: every path's detections also go to <save_txt>/txt/<path>/ (evaluators/outputs.py).
     """
 
-    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True):
+    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, save_txt: str | None = None):
         super().__init__(_with_prefix(metrics, 'native'))
         self.metric_cfgs = metrics
         self.labels = dict(labels or {})
+        self.save_txt = save_txt
+        self.writers: dict = {}  # path -> DetectionWriter
+        self.outputs: dict = {}  # path -> the files written (after evaluate)
         self.paths: dict[str, tuple[DeviceInference, Evaluator]] = {}
         self.taps = NativeTaps()
         self.preprocessor = None
@@ -62,6 +67,8 @@ class DeviceEvaluator(Evaluator):
     def attach(self, sessions: dict, decoder, preprocessor, taps=()) -> None:
         """Called by ExportHook before the loop: one session per path, the decoder, the model's preprocessor
         and the native raw-map modules (none: the native forward is skipped)."""
+        for inference, _ in self.paths.values():  # a second test loop (task=bench) replaces the first's sessions
+            inference.close()
         for name, session in sessions.items():
             evaluator = Evaluator(_with_prefix(self.metric_cfgs, name))
             evaluator.dataset_meta = getattr(self, '_dataset_meta', None)
@@ -71,9 +78,26 @@ class DeviceEvaluator(Evaluator):
         self.taps = NativeTaps(taps)
         self.compare_native = bool(taps)
 
+    def _open_writers(self) -> None:
+        """One DetectionWriter per path, with the labels' class names and category ids of the path's metric."""
+        from pathlib import Path
+
+        from mmengine.dist import get_rank
+
+        from evaluators.outputs import DetectionWriter
+
+        names = [*self.paths, *(['native'] if self.compare_native else [])]
+        metrics = {name: (self.metrics if name == 'native' else self.paths[name][1].metrics)[0] for name in names}
+        for name, metric in metrics.items():
+            metric.dataset_meta = self._dataset_meta
+            self.writers[name] = DetectionWriter(Path(self.save_txt) / 'txt' / name, self._dataset_meta['classes'],
+                                                 metric.evaluated_categories(), rank=get_rank())
+
     def process(self, data_samples, data_batch=None) -> None:
         if not self.paths:
             raise RuntimeError('DeviceEvaluator has no runtime: add ExportHook to custom_hooks')
+        if self.save_txt and not self.writers:
+            self._open_writers()
         start = time.perf_counter()
         batch = self.preprocessor(data_batch, False)
         self.host_s['preprocess'] += time.perf_counter() - start
@@ -84,6 +108,11 @@ class DeviceEvaluator(Evaluator):
         self.pending.append((futures, batch, data_batch))
         if self.compare_native:
             super().process(data_samples, data_batch)
+            if 'native' in self.writers:
+                for sample in data_samples:
+                    pred = sample.pred_instances
+                    self.writers['native'].write(sample.img_id, sample.img_path, pred.bboxes.cpu().numpy(),
+                                                 pred.scores.cpu().numpy(), pred.labels.cpu().numpy())
         while len(self.pending) > self.in_flight:
             self._finish_oldest()
 
@@ -98,6 +127,9 @@ class DeviceEvaluator(Evaluator):
                 sample = sample.clone()
                 sample.pred_instances = InstanceData(**det)
                 samples.append(sample)
+                if name in self.writers:
+                    self.writers[name].write(sample.img_id, sample.img_path, det['bboxes'].numpy(),
+                                             det['scores'].numpy(), det['labels'].numpy())
             evaluator.process(samples, data_batch)
             self.host_s['metric'] += time.perf_counter() - start
         self.preprocessor.release(batch['inputs'])  # every path's runtime call on it has returned
@@ -107,6 +139,8 @@ class DeviceEvaluator(Evaluator):
 
         while self.pending:
             self._finish_oldest()
+        for writer in self.writers.values():  # before the metrics gather: every rank has written its images
+            writer.close()
         results = {}
         for name, (inference, evaluator) in self.paths.items():
             if is_main_process():
@@ -128,6 +162,11 @@ class DeviceEvaluator(Evaluator):
             if is_main_process():
                 print(_seed_dict(results, 'native'), flush=True)
         self.taps.close()
+        for inference, _ in self.paths.values():
+            inference.close()
+        if is_main_process():
+            self.outputs = {name: writer.finish() for name, writer in self.writers.items()}
+        self.writers = {}
         return results
 
 

@@ -119,12 +119,20 @@ def host_threads(cfg: DictConfig):
         torch.set_num_threads(before)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _metric_block(metrics: dict, prefix: str) -> dict | None:
@@ -185,8 +193,14 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
             outcome = test(cfg, output_dir, export_dir)
     except BaseException:
         shutil.rmtree(export_dir, ignore_errors=True)
+        for partial in (output_dir / 'txt').glob('*.partial'):
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     metrics, report = outcome['metrics'], outcome['report']
+    artifacts = dict(report['artifacts'])
+    for kind in ('txt', 'pred_json'):  # eval.save_txt: the folders and files per path
+        if outcome.get('outputs'):
+            artifacts[kind] = {path: files[kind] for path, files in outcome['outputs'].items()}
     device, native, reference = (_metric_block(metrics, p) for p in ('device', 'native', 'reference'))
     results = {
         'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
@@ -206,7 +220,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
         'export_check': report['export_check'], 'cache': report['cache'],
         'timings': {**report['timings'], 'eval_s': outcome['eval_s'], 'runtime_s': metrics['device/runtime_s'],
                     'images_per_s': num_images / outcome['eval_s']},
-        'artifacts': report['artifacts'], 'io': report['io'], 'runtime_version': report['runtime_version'],
+        'artifacts': artifacts, 'io': report['io'], 'runtime_version': report['runtime_version'],
     }
     if outcome.get('rank', 0) == 0:  # distributed: every rank has the gathered metrics, one writes them
         write_json_atomic(output_dir / 'results.json', results)
@@ -266,22 +280,35 @@ def export_task(cfg: DictConfig, output_dir: Path) -> dict:
 
 
 def npz_task(cfg: DictConfig, output_dir: Path) -> dict:
-    """vamp's input: one npz per evaluated image (`input_0`, planar RGB uint8) and the datalist naming them."""
+    """vamp's input: one npz per evaluated image (`input_0`, planar RGB uint8, as VastAI's image2npz.py writes it)
+    and the datalist naming them, absolute or relative to `npz.relative_to`. vamp writes its outputs as
+    output_%06d.npz by datalist line, which runtime=npz reads back."""
     import numpy as np
     from tqdm import tqdm
 
     from runtime.vacc import read_planar_rgb
 
+    base = Path(cfg.npz.relative_to).resolve() if cfg.npz.relative_to else None
+    if base is not None and not base.is_dir():
+        raise UserError(f'npz.relative_to={cfg.npz.relative_to}: directory not found')
     images = json.loads(Path(cfg.data.ann_file).read_text())['images'][:cfg.eval.get('num_images') or None]
-    npz_dir = output_dir / 'npz'
-    npz_dir.mkdir(parents=True, exist_ok=True)
+    npz_dir, partial = output_dir / 'npz', output_dir / 'npz.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     lines = []
-    for image in tqdm(images, desc='image -> npz', unit='image'):
-        target = npz_dir / f"{Path(image['file_name']).stem}.npz"
-        np.savez(target, input_0=read_planar_rgb(Path(cfg.data.img_dir) / image['file_name']))
-        lines.append(str(target.resolve()))
+    try:
+        for image in tqdm(images, desc='image -> npz', unit='image'):
+            name = f"{Path(image['file_name']).stem}.npz"
+            np.savez(partial / name, input_0=read_planar_rgb(Path(cfg.data.img_dir) / image['file_name'])[0])
+            target = (npz_dir / name).resolve()
+            lines.append(os.path.relpath(target, base) if base else str(target))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(npz_dir, ignore_errors=True)
+    os.replace(partial, npz_dir)
     datalist = output_dir / 'npz_datalist.txt'
-    datalist.write_text('\n'.join(lines) + '\n')
+    write_text_atomic(datalist, '\n'.join(lines) + '\n')
     print(f'{len(lines)} npz files in {npz_dir}; datalist {datalist}')
     return {'npz_dir': str(npz_dir), 'datalist': str(datalist), 'num_images': len(lines)}
 

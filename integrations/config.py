@@ -69,13 +69,12 @@ class RawMapConvs(StrEnum):
     int8 = 'int8'
 
 
-class ResizeType(StrEnum):  # the VDSP op's ResizeType values that VastAI's files use
+class ResizeType(StrEnum):  # the VDSP op's ResizeType values VastModelZOO and VastStreamX-Samples use
     BILINEAR = 'BILINEAR'
     BILINEAR_CV = 'BILINEAR_CV'
     BILINEAR_PILLOW = 'BILINEAR_PILLOW'
     NEAREST = 'NEAREST'
     BICUBIC_PILLOW = 'BICUBIC_PILLOW'
-    LANCZOS_PILLOW = 'LANCZOS_PILLOW'
 
 
 class Launcher(StrEnum):  # mmengine's launchers
@@ -108,6 +107,8 @@ class EvalConf:
     num_images: Optional[int] = MISSING
     overlap: bool = MISSING
     host_threads: Optional[int] = MISSING
+    multi_label: Optional[bool] = MISSING
+    save_txt: bool = MISSING
 
 
 @dataclass
@@ -128,6 +129,11 @@ class ExportConf:
 
 
 @dataclass
+class NpzTaskConf:
+    relative_to: Optional[str] = MISSING
+
+
+@dataclass
 class CacheConf:
     enabled: bool = MISSING
     dir: str = MISSING
@@ -140,6 +146,7 @@ class InloopConf:
     eval: EvalConf = field(default_factory=EvalConf)
     bench: BenchConf = field(default_factory=BenchConf)
     export: ExportConf = field(default_factory=ExportConf)
+    npz: NpzTaskConf = field(default_factory=NpzTaskConf)
     cache: CacheConf = field(default_factory=CacheConf)
     # the groups: each option's YAML extends its own schema below
     model: Any = MISSING
@@ -197,7 +204,8 @@ class OnnxConf:
 
 @dataclass
 class VdspConf:
-    resize_type: ResizeType = MISSING
+    resize_type: Optional[ResizeType] = MISSING
+    even_size: bool = MISSING
 
 
 @dataclass
@@ -209,7 +217,8 @@ class VaccConf:
     compiler: str = MISSING
     compile: bool = MISSING
     vdsp: VdspConf = field(default_factory=VdspConf)
-    cluster_mode: int = MISSING
+    vamc_compile: Optional[dict[str, Any]] = MISSING
+    python: Optional[str] = MISSING
 
 
 @dataclass

@@ -21,7 +21,8 @@ def build_trainer(cfg: DictConfig, mm_cfg):
     export = next(h for h in mm_cfg.custom_hooks if h['type'] == 'ExportHook')
     evaluator = mm_cfg.test_evaluator
     callbacks = [ExportCallback(**{k: v for k, v in export.items() if k != 'type'}),
-                 DeviceEvalCallback(evaluator['metrics'], labels=evaluator['labels'], overlap=evaluator['overlap'])]
+                 DeviceEvalCallback(evaluator['metrics'], labels=evaluator['labels'], overlap=evaluator['overlap'],
+                                    save_txt=evaluator['save_txt'])]
     logging.getLogger('lightning.pytorch').setLevel(cfg.engine.log_level)
     engine = {k: cfg.engine[k] for k in ('accelerator', 'devices', 'strategy', 'num_nodes')}
     try:
@@ -51,4 +52,5 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     evaluation = next(c for c in trainer.callbacks if isinstance(c, DeviceEvalCallback))
     timings = export.report['timings']
     eval_s = time.perf_counter() - start - timings['export_s'] - timings['build_s']
-    return {'metrics': evaluation.metrics, 'report': export.report, 'eval_s': eval_s, 'rank': trainer.global_rank}
+    return {'metrics': evaluation.metrics, 'report': export.report, 'eval_s': eval_s, 'rank': trainer.global_rank,
+            'outputs': evaluation.evaluator.outputs}

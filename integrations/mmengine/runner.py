@@ -105,7 +105,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
         metric.ann_file = dataset.ann_file
     labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}',
               'reference': f'{cfg.runtime.name} {cfg.eval.reference}'}
-    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels, overlap=cfg.eval.overlap)
+    mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels, overlap=cfg.eval.overlap,
+                                 save_txt=str(output_dir) if cfg.eval.save_txt else None)
     runtime = plain(cfg.runtime)
     precision = plain(cfg.precision)
     # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
@@ -191,4 +192,5 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
 
     runner = build_runner(cfg, output_dir, export_dir)
     metrics, eval_s = run_test(runner)
-    return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s, 'rank': get_rank()}
+    return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s, 'rank': get_rank(),
+            'outputs': runner.test_loop.evaluator.outputs}

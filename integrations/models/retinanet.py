@@ -165,8 +165,12 @@ def grid_sizes(image_size: tuple[int, int], levels: int) -> list[tuple[int, int]
 
 def prepare_config(mm_cfg, eval_cfg) -> None:
     """The eval thresholds that are set replace the reference's post-processing settings."""
+    from common.errors import UserError
     from integrations.models.openimages_mlperf import CLASSES
 
+    if eval_cfg.get('multi_label') is False:
+        raise UserError('eval.multi_label=false: RetinaNet\'s post-processing (torchvision\'s) scores every class '
+                        'of every anchor; remove the option')
     mm_cfg.test_dataloader.dataset.metainfo = {'classes': CLASSES}
     test_cfg = mm_cfg.model.setdefault('test_cfg', {})
     for option, key in (('score_thr', 'score_thresh'), ('nms_iou', 'nms_thresh'),
@@ -185,7 +189,10 @@ def device_preprocessing(mm_cfg) -> dict:
     _, height, width = input_shape(mm_cfg)
     preprocessor = mm_cfg.model.data_preprocessor
     return {'model_name': 'mlcommons_retinanet', 'kind': 'resize', 'height': height, 'width': width,
-            'mean': list(preprocessor.mean), 'std': list(preprocessor.std)}
+            'mean': list(preprocessor.mean), 'std': list(preprocessor.std),
+            # as VastModelZOO's mlcommons_retinanet.yaml and its VDSP JSON have them (the deploy doc's tip:
+            # BILINEAR_PILLOW gives the best accuracy)
+            'resize_type': 'BILINEAR_PILLOW', 'vamc_compile': {'data_transport_mode': 1}}
 
 
 def raw_map_modules(model) -> list:

@@ -24,6 +24,8 @@ def prepare_config(mm_cfg, eval_cfg) -> None:
         test_cfg.max_per_img = eval_cfg.max_per_img
     if eval_cfg.get('nms_pre') is not None:
         test_cfg.nms_pre = eval_cfg.nms_pre
+    if eval_cfg.get('multi_label') is not None:
+        test_cfg.multi_label = eval_cfg.multi_label
 
 
 def input_shape(mm_cfg) -> tuple[int, int, int]:
@@ -41,7 +43,9 @@ def device_preprocessing(mm_cfg) -> dict:
     preprocessor = mm_cfg.model.data_preprocessor
     return {'model_name': 'mmyolo_yolov5', 'kind': 'letterbox', 'height': height, 'width': width,
             'pad': pad if isinstance(pad, (int, float)) else pad[0],
-            'mean': list(preprocessor.mean), 'std': list(preprocessor.std)}
+            'mean': list(preprocessor.mean), 'std': list(preprocessor.std),
+            # as VastModelZOO's mmyolo_yolov5.yaml and mmyolo-yolov5s-vdsp_params.json have them
+            'resize_type': 'BILINEAR_CV', 'vamc_compile': {'cluster_mode': 0}}
 
 
 def raw_map_modules(model) -> list:

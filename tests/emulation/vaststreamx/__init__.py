@@ -1,7 +1,23 @@
-"""Emulated vaststreamx (tests only; see ../README.md): the API subset runtime/vacc.py uses."""
+"""Emulated vaststreamx (tests only; see ../README.md): the API subset runtime/vacc_worker.py uses, no more
+forgiving than VastAI's SDK in the ways its public code shows:
+
+- `set_device` returns 0 (VastAI's samples assert it) and must be called in every thread before it touches the
+  card (their profiler does so per thread); a thread that did not is refused;
+- `run_sync` takes at most the stream's batch (`Model(prefix, batch)`) of images;
+- `create_image` takes RGB_PLANAR uint8 (3, H, W) with even sides (VastAI's scripts resize odd sides first);
+- model outputs come back as float16, one list of tensors per image.
+
+Every call is recorded in `calls` and, when VSX_EMULATION_LOG names a file, appended to it as a JSON line with the
+process and thread (the SDK runs in the device worker process, so the tests read the calls from there).
+VSX_EMULATION_FAIL=card_error@N or crash@N makes the N-th run_sync raise, or the process die, as a broken card or
+driver would.
+"""
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +25,32 @@ import numpy as np
 from .vdsp import FusionOp
 
 __version__ = 'emulated'
-calls: list[tuple] = []  # (function, arguments) of every call, for tests
+calls: list[tuple] = []
+_thread = threading.local()
+
+
+def _record(*call) -> None:
+    calls.append(call)
+    log = os.environ.get('VSX_EMULATION_LOG')
+    if log:
+        with open(log, 'a') as f:
+            f.write(json.dumps({'call': list(call), 'pid': os.getpid(), 'thread': threading.get_ident()}) + '\n')
+
+
+def _maybe_fail(count: int) -> None:
+    kind, _, when = os.environ.get('VSX_EMULATION_FAIL', '').partition('@')
+    if kind and int(when) == count:
+        print(f'vaststreamx (emulated): injected {kind} at run_sync #{count}', file=sys.stderr, flush=True)
+        if kind == 'crash':
+            os._exit(3)
+        raise RuntimeError('emulated card error: VACC die timeout')
+
+
+def _on_device(what: str) -> int:
+    device = getattr(_thread, 'device', None)
+    if device is None:
+        raise RuntimeError(f'vsx.{what}: this thread did not call vsx.set_device')
+    return device
 
 
 class StreamBalanceMode:
@@ -24,8 +65,9 @@ class ImageFormat:
 
 
 def set_device(device_id: int) -> int:
-    calls.append(('set_device', device_id))
-    return device_id
+    _record('set_device', device_id)
+    _thread.device = device_id
+    return 0
 
 
 class Model:
@@ -34,25 +76,27 @@ class Model:
     def __init__(self, prefix: str, batch_size: int):
         import onnxruntime as ort
 
-        calls.append(('Model', prefix, batch_size))
+        _on_device('Model')
+        _record('Model', prefix, batch_size)
         for suffix in ('.so', '.json', '.params'):
             if not Path(prefix + suffix).is_file():
                 raise RuntimeError(f'model file {prefix}{suffix} not found')
         self.meta = json.loads(Path(prefix + '.json').read_text())
         self.batch_size = batch_size
+        print(f'vaststreamx (emulated): model {prefix} loaded, batch {batch_size}', file=sys.stderr, flush=True)
         self.session = ort.InferenceSession(prefix + '.params', providers=['CPUExecutionProvider'])
 
 
 class Operator:
     @staticmethod
     def load_ops_from_json_file(path: str) -> list[FusionOp]:
-        calls.append(('load_ops_from_json_file', path))
+        _record('load_ops_from_json_file', path)
         return [FusionOp(json.loads(Path(path).read_text()))]
 
 
 class ModelOperator:
     def __init__(self, model: Model):
-        calls.append(('ModelOperator',))
+        _record('ModelOperator')
         self.model = model
 
 
@@ -61,7 +105,7 @@ class Graph:
         self.operators: tuple = ()
 
     def add_operators(self, *operators) -> None:
-        calls.append(('add_operators', tuple(type(o).__name__ for o in operators)))
+        _record('add_operators', [type(o).__name__ for o in operators])
         self.operators = operators
 
 
@@ -71,38 +115,50 @@ class Image:
 
 
 def create_image(data: np.ndarray, image_format: str, width: int, height: int, device_id: int) -> Image:
-    calls.append(('create_image', image_format, width, height, device_id))
+    if _on_device('create_image') != device_id:
+        raise RuntimeError(f'vsx.create_image: device {device_id}, but this thread is on {_thread.device}')
+    _record('create_image', image_format, width, height, device_id)
     if image_format != ImageFormat.RGB_PLANAR:
         raise ValueError(f'emulation supports RGB_PLANAR only, got {image_format}')
     if data.dtype != np.uint8 or data.shape != (3, height, width):
         raise ValueError(f'RGB_PLANAR image must be uint8 (3, {height}, {width}), got {data.dtype} {data.shape}')
-    return Image(data, image_format, width, height, device_id)
+    if width % 2 or height % 2:
+        raise ValueError(f'RGB_PLANAR image {width}x{height}: odd sides are not taken')
+    return Image(data.copy(), image_format, width, height, device_id)
 
 
 class Stream:
     """Runs the graph's VDSP op then its model on each image; outputs are float16 (1, C, H, W) per output."""
 
     def __init__(self, graph: Graph, balance_mode: str):
-        calls.append(('Stream', balance_mode))
+        _on_device('Stream')
+        _record('Stream', balance_mode)
         self.graph = graph
         self.outputs: list = []
         self.built = False
+        self.runs = 0
 
     def register_operator_output(self, operator) -> None:
-        calls.append(('register_operator_output', type(operator).__name__))
+        _record('register_operator_output', type(operator).__name__)
         self.outputs.append(operator)
 
     def build(self) -> None:
-        calls.append(('build',))
+        _on_device('Stream.build')
+        _record('build')
         if not self.outputs:
             raise RuntimeError('no operator output registered')
         self.built = True
 
     def run_sync(self, images: list[Image]) -> list[list[np.ndarray]]:
-        calls.append(('run_sync', len(images)))
+        _on_device('run_sync')
+        _record('run_sync', len(images))
+        self.runs += 1
+        _maybe_fail(self.runs)
         if not self.built:
             raise RuntimeError('stream not built')
         fusion, model_op = self.graph.operators
+        if len(images) > model_op.model.batch_size:
+            raise RuntimeError(f'run_sync: {len(images)} images for a model of batch {model_op.model.batch_size}')
         session = model_op.model.session
         results = []
         for image in images:

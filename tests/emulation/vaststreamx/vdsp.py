@@ -14,8 +14,7 @@ def resize(image: np.ndarray, width: int, height: int, kind: str) -> np.ndarray:
         flag = cv2.INTER_NEAREST if kind == 'NEAREST' else cv2.INTER_LINEAR
         return cv2.resize(image, (width, height), interpolation=flag)
     from PIL import Image
-    method = {'BILINEAR_PILLOW': Image.BILINEAR, 'BICUBIC_PILLOW': Image.BICUBIC,
-              'LANCZOS_PILLOW': Image.LANCZOS}[kind]
+    method = {'BILINEAR_PILLOW': Image.BILINEAR, 'BICUBIC_PILLOW': Image.BICUBIC}[kind]
     return np.asarray(Image.fromarray(image).resize((width, height), method))
 
 
@@ -35,7 +34,7 @@ class FusionOp:
             scale = min(out_w / width, out_h / height)
             new_w, new_h = int(width * scale), int(height * scale)
             canvas = np.empty((out_h, out_w, 3), np.uint8)
-            canvas[:] = np.asarray(c.get('Padding', [0, 0, 0]), np.uint8)
+            canvas[:] = 114  # VastAI's JSON names no pad value; assumed YOLOv5's letterbox grey (unverified)
             top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
             canvas[top:top + new_h, left:left + new_w] = resize(image, new_w, new_h, c['ResizeType'])
             image = canvas
