@@ -9,14 +9,16 @@ model = dict(
     num_classes=264,
     image_size=image_size,
     test_cfg=dict(score_thresh=0.05, nms_thresh=0.5, detections_per_img=300, topk_candidates=1000),
-    # MLPerf: /255 then ImageNet mean/std, on RGB
+    # MLPerf's (x / 255 - ImageNet mean) / std on RGB, here as (x - 255 * mean) / (255 * std)
     data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
                            bgr_to_rgb=True, pad_size_divisor=1))
 
-# MLPerf: PIL decode, bilinear resize to 800x800 (torchvision F.resize on a PIL image = PIL bilinear)
+# MLPerf inference's pre_process_openimages_retinanet, step for step: cv2 decode (BGR, EXIF orientation applied,
+# grayscale as 3 channels), float32, cv2.resize to 800x800 INTER_LINEAR on the float image (a stretch); BGR -> RGB
+# and the normalization follow in the data preprocessor (a channel swap commutes with the per-channel resize)
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(image_size[1], image_size[0]), keep_ratio=False, backend='pillow',
+    dict(type='LoadImageFromFile', imdecode_backend='cv2', color_type='color', to_float32=True),
+    dict(type='Resize', scale=(image_size[1], image_size[0]), keep_ratio=False, backend='cv2',
          interpolation='bilinear'),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),

@@ -37,10 +37,15 @@ def check_dataset(img_dir: str, ann_file: str) -> dict:
 
 
 def check_openimages_mlperf(ann_file: str, categories: list[dict]) -> None:
-    """The RetinaNet's labels are the category ids 0..263 of the MLPerf format."""
+    """The RetinaNet's labels are the category ids 0..263 of the MLPerf format, listed in id order: the dataset
+    numbers its labels by the file's order of categories, so any other order would shift every label."""
     from integrations.models.openimages_mlperf import CLASSES
 
-    if [(c['id'], c['name']) for c in sorted(categories, key=lambda c: c['id'])] != list(enumerate(CLASSES)):
+    pairs, expected = [(c.get('id'), c.get('name')) for c in categories], list(enumerate(CLASSES))
+    if pairs != expected and sorted(map(repr, pairs)) == sorted(map(repr, expected)):
+        raise UserError(f'data.ann_file={ann_file}: its categories are not listed in id order (0-263), as MLPerf\'s '
+                        'format lists them; sort the "categories" list by id')
+    if pairs != expected:
         raise UserError(f'data.ann_file={ann_file}: not in the openimages-mlperf format (264 categories, ids 0-263); '
                         'convert COCO ground truth with tools/coco_to_openimages_mlperf.py')
 
@@ -69,6 +74,25 @@ def check_bench(bench: DictConfig) -> None:
         check_at_least('bench.replay_latency_ms', bench.replay_latency_ms, 0)
 
 
+def check_mlperf(options: DictConfig) -> None:
+    """task=mlperf's ranges and LoadGen itself, checked before anything is exported or built."""
+    try:
+        import mlperf_loadgen  # noqa: F401
+    except ImportError:
+        raise UserError('task=mlperf needs MLPerf LoadGen: pip install mlcommons-loadgen (make setup installs it)') \
+            from None
+    for option in ('min_duration_ms', 'min_query_count', 'samples_per_query', 'performance_sample_count'):
+        check_at_least(f'mlperf.{option}', options[option], 1)
+    for option in ('target_latency_ms', 'target_qps'):
+        if options[option] is not None and not options[option] > 0:
+            raise UserError(f'mlperf.{option}={options[option]}: must be > 0, or null to take it from the warm-up')
+    if options.user_conf is not None:
+        if not options.official:
+            raise UserError('mlperf.user_conf is read after MLPerf\'s mlperf.conf: add mlperf.official=true')
+        if not Path(options.user_conf).is_file():
+            raise UserError(f'mlperf.user_conf={options.user_conf}: file not found')
+
+
 def check_inputs(cfg: DictConfig) -> int:
     """Ranges and rules across options (Hydra has checked every type), then the data: the number of images."""
     check_eval(cfg.eval)
@@ -77,6 +101,8 @@ def check_inputs(cfg: DictConfig) -> int:
                         'range that both model families export at)')
     if cfg.task == 'bench':
         check_bench(cfg.bench)
+    if cfg.task == 'mlperf':
+        check_mlperf(cfg.mlperf)
     for option in ('img_dir', 'ann_file'):
         if OmegaConf.is_missing(cfg.data, option):
             raise UserError(f'data.{option} is required for data={cfg.data.name}: add data.{option}=PATH')
@@ -84,7 +110,7 @@ def check_inputs(cfg: DictConfig) -> int:
     if missing:
         raise UserError(f'runtime.{missing[0]} is required for runtime={cfg.runtime.name}: '
                         f'add runtime.{missing[0]}=… (see conf/runtime/{cfg.runtime.name}.yaml)')
-    if cfg.task in ('eval', 'bench', 'export'):  # the runtime's own checks (options, SDK, compiler) come first
+    if cfg.task in ('eval', 'bench', 'export', 'mlperf'):  # the runtime's checks (options, SDK, compiler) first
         from runtime import get_runtime
         options = {k: v for k, v in plain(cfg.runtime).items() if k != 'name'}
         get_runtime(cfg.runtime.name, precision=plain(cfg.precision), **options)
@@ -181,7 +207,8 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
                 cfg.runtime.compile = False
     num_images = check_inputs(cfg)
     if cfg.task != 'eval':
-        return {'bench': bench_task, 'export': export_task, 'npz': npz_task}[cfg.task](cfg, output_dir)
+        tasks = {'bench': bench_task, 'export': export_task, 'npz': npz_task, 'mlperf': mlperf_task}
+        return tasks[cfg.task](cfg, output_dir)
 
     from importlib import import_module
 
@@ -252,6 +279,33 @@ def bench_task(cfg: DictConfig, output_dir: Path) -> dict:
               f"{result['replay']['images_per_s']:.1f} images/s end to end")
     print(f"bench.json: {output_dir / 'bench.json'}")
     return result
+
+
+def mlperf_task(cfg: DictConfig, output_dir: Path) -> dict:
+    """MLPerf LoadGen over the runtime session: its logs in the run dir, the `mlperf` block in results.json."""
+    from integrations.mlperf import run_mlperf
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with host_threads(cfg):
+        block = run_mlperf(cfg, output_dir)
+    results = {'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
+               'precision': cfg.precision.name, 'checkpoint': cfg.model.checkpoint,
+               'weights': 'checkpoint' if cfg.model.checkpoint else
+                          f"random (init_seed {cfg.model.get('init_seed')}): detections and mAP are meaningless",
+               'mlperf': block}
+    write_json_atomic(output_dir / 'results.json', results)
+    if block['mode'] == 'performance':
+        figures = ', '.join(f'{k} {v / 1000:.1f} ms' for k, v in block['latency_us'].items())
+        rate = f", {block['samples_per_s']:.2f} samples/s" if 'samples_per_s' in block else ''
+        why = f" ({'; '.join(block['not_satisfied'])})" if block['not_satisfied'] else ''
+        print(f"mlperf {block['scenario']} performance: {block['result']}{why}{rate}, latency {figures} "
+              f"({output_dir / 'mlperf_log_summary.txt'})")
+    else:
+        target = (f", target {block['target']:.4f}: {'met' if block['meets_target'] else 'NOT met'}"
+                  if block['target'] is not None else '')
+        print(f"mlperf {block['scenario']} accuracy: bbox mAP {block['accuracy']['bbox_mAP']:.4f} over "
+              f"{block['samples']} samples{target} ({output_dir / 'mlperf_log_accuracy.json'})")
+    return results
 
 
 def export_task(cfg: DictConfig, output_dir: Path) -> dict:

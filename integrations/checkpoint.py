@@ -1,8 +1,9 @@
 """Load checkpoints without unpickling arbitrary code.
 
-Plain state dicts (our converted weights, torchvision/MLCommons `{'model': state_dict}`) load with
-`weights_only=True`. Checkpoints saved by an mmengine Runner also pickle a few mmengine/numpy objects in their
-`meta`; those classes are allow-listed explicitly. Anything else is refused with a message; `trusted=True`
+Plain state dicts (our converted weights, torchvision `{'model': state_dict}`) load with `weights_only=True`.
+Two kinds of real checkpoint pickle more, and only those classes are allow-listed: MLCommons' training script
+saves `{'model', 'optimizer', 'epoch', 'args': argparse.Namespace}`; an mmengine Runner pickles a few
+mmengine/numpy objects in its `meta`. Anything else is refused with a message; `trusted=True`
 (`model.trust_checkpoint=true`) is the user's explicit decision to unpickle a file they trust.
 """
 from __future__ import annotations
@@ -27,15 +28,18 @@ def _class_function(owner, name: str):
     raise pickle.UnpicklingError(f'getattr({owner!r}, {name!r}) is not allowed')
 
 
-def _mmengine_safe_globals() -> list:
-    """What an mmengine Runner checkpoint pickles besides tensors (numpy 1.x and 2.x names)."""
+def _safe_globals() -> list:
+    """What real checkpoints pickle besides tensors: MLCommons training's `args` (an argparse.Namespace of
+    plain values), an mmengine Runner's meta (numpy 1.x and 2.x names)."""
+    import argparse
     import codecs
 
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
 
     multiarray = np._core.multiarray
-    return [HistoryBuffer, np.ndarray, np.dtype, codecs.encode, multiarray._reconstruct, multiarray.scalar,
+    return [argparse.Namespace, HistoryBuffer, np.ndarray, np.dtype, codecs.encode, multiarray._reconstruct,
+            multiarray.scalar,
             (multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
             (multiarray.scalar, 'numpy.core.multiarray.scalar'), (_class_function, 'builtins.getattr'),
             *{type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')}]
@@ -49,7 +53,7 @@ def load_state_dict(path: str | Path, trusted: bool = False) -> dict:
     if not path.is_file():
         raise UserError(f'model.checkpoint={path}: file not found')
     try:
-        with torch.serialization.safe_globals(_mmengine_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()):
             checkpoint = torch.load(path, map_location='cpu', weights_only=not trusted)
     except pickle.UnpicklingError as err:
         reason = str(err).split('WeightsUnpickler error:')[-1].strip().splitlines()[0]

@@ -34,11 +34,24 @@ class Task(StrEnum):
     export = 'export'    # the build files only, to carry to a machine with a card
     npz = 'npz'          # vamp's image -> npz datalist
     cache = 'cache'      # list or clean the artifact cache
+    mlperf = 'mlperf'    # MLPerf LoadGen drives the runtime (mlperf_log_*, results.json)
 
 
 class Scenario(StrEnum):
     offline = 'offline'
     single_stream = 'single_stream'
+
+
+class LoadGenScenario(StrEnum):  # MLPerf LoadGen's TestScenario names
+    SingleStream = 'SingleStream'
+    MultiStream = 'MultiStream'
+    Server = 'Server'
+    Offline = 'Offline'
+
+
+class LoadGenMode(StrEnum):
+    accuracy = 'accuracy'        # every sample once, responses logged and scored
+    performance = 'performance'  # LoadGen's timed run, VALID/INVALID
 
 
 class ReferencePrecision(StrEnum):
@@ -122,6 +135,20 @@ class BenchConf:
 
 
 @dataclass
+class MlperfConf:
+    scenario: LoadGenScenario = MISSING
+    mode: LoadGenMode = MISSING
+    official: bool = MISSING
+    user_conf: Optional[str] = MISSING
+    min_duration_ms: int = MISSING
+    min_query_count: int = MISSING
+    target_latency_ms: Optional[float] = MISSING
+    target_qps: Optional[float] = MISSING
+    samples_per_query: int = MISSING
+    performance_sample_count: int = MISSING
+
+
+@dataclass
 class ExportConf:
     opset: int = MISSING
     simplify: bool = MISSING
@@ -145,6 +172,7 @@ class InloopConf:
     task: Task = MISSING
     eval: EvalConf = field(default_factory=EvalConf)
     bench: BenchConf = field(default_factory=BenchConf)
+    mlperf: MlperfConf = field(default_factory=MlperfConf)
     export: ExportConf = field(default_factory=ExportConf)
     npz: NpzTaskConf = field(default_factory=NpzTaskConf)
     cache: CacheConf = field(default_factory=CacheConf)

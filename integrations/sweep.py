@@ -8,8 +8,15 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-COLUMNS = ['job', 'overrides', 'device_mAP', 'native_mAP', 'delta_native', 'delta_reference', 'images_per_s',
-           'latency_ms', 'cache']
+from integrations.mlperf import REFERENCE_MAP, TARGET_FRACTION
+
+COLUMNS = ['job', 'overrides', 'device_mAP', 'native_mAP', 'delta_native', 'delta_reference', 'meets_99',
+           'meets_mlperf', 'images_per_s', 'latency_ms', 'cache']
+
+
+def meets(device: float, reference: float | None) -> bool | None:
+    """MLPerf's accuracy rule: at least 99 % of the reference's mAP (None when there is no reference)."""
+    return None if reference is None else device >= TARGET_FRACTION * reference
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -22,12 +29,15 @@ def collect(sweep_dir: Path) -> list[dict]:
         overrides = ' '.join(line.removeprefix('- ').strip() for line in overrides_file.read_text().splitlines()
                              if line.strip()) if overrides_file.is_file() else ''
         timings = results['timings']
+        native = results['native']['bbox_mAP'] if results.get('native') else None
         rows.append({
             'job': results_file.parent.name, 'overrides': overrides,
             'device_mAP': results['device']['bbox_mAP'],
-            'native_mAP': results['native']['bbox_mAP'] if results.get('native') else None,
+            'native_mAP': native,
             'delta_native': results.get('delta', {}).get('device_minus_native'),
             'delta_reference': results.get('delta', {}).get('device_minus_reference'),
+            'meets_99': meets(results['device']['bbox_mAP'], native),  # device >= 0.99 x native
+            'meets_mlperf': meets(results['device']['bbox_mAP'], REFERENCE_MAP.get(results.get('model'))),
             'images_per_s': round(timings['images_per_s'], 3),
             'latency_ms': round(1000 * timings['runtime_s'] / results['num_images'], 3),
             'cache': results.get('cache'),

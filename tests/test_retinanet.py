@@ -155,6 +155,121 @@ def test_mlcommons_checkpoint_plain_state_dict_and_mismatch(model, mm_cfg, tmp_p
         build_model(mm_cfg, tmp_path / 'broken.pth')
 
 
+REFERENCE_KEYS = ROOT.parent / 'shared' / 'data' / 'mlperf-retinanet' / 'reference_state_dict.json'
+
+
+def _reference_checkpoint(path, seed: int = 3) -> dict:
+    """A checkpoint in MLCommons training's layout whose state dict has exactly the reference's 301 keys, shapes
+    and dtypes (from running the reference's own model code); seeded values, variances positive."""
+    import argparse
+
+    listing = json.loads(REFERENCE_KEYS.read_text())['keys']
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape, dtype in listing:
+        value = torch.randn(shape, generator=generator, dtype=getattr(torch, dtype)) * 0.05
+        state[key] = value.abs() + 0.5 if key.endswith(('running_var', 'bn1.weight', 'bn2.weight', 'bn3.weight')) \
+            else value
+    args = argparse.Namespace(backbone='resnext50_32x4d', dataset='openimages-mlperf', epochs=26, lr=0.0001,
+                              batch_size=2, image_size=[800, 800], output_dir='/results', amp=True)
+    torch.save({'model': state, 'optimizer': {'state': {}, 'param_groups': [{'lr': 0.0001, 'params': [0, 1]}]},
+                'epoch': 10, 'args': args}, path)
+    return state
+
+
+def test_reference_layout_checkpoint_loads_safely_with_the_reference_key_names(mm_cfg, tmp_path):
+    """The training script's checkpoint (`args` an argparse.Namespace, plain-conv FPN keys, v1 head keys) loads
+    with weights_only; every tensor lands where torchvision's own RetinaNet puts it; a plain state dict of the
+    loaded model gives the same detections."""
+    from mmengine.dataset import pseudo_collate
+    from torchvision.models import resnext50_32x4d
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    from integrations.deploy import image_pipeline
+    from integrations.mmengine.runner import build_model
+
+    path = tmp_path / 'retinanet_model_10.pth'
+    state = _reference_checkpoint(path)
+    assert len(state) == 301 and 'backbone.fpn.inner_blocks.0.weight' in state
+    with pytest.raises(Exception, match='Namespace'):  # torch alone refuses it: our allow-list is what loads it
+        torch.load(path, weights_only=True)
+    loaded = build_model(mm_cfg, path)
+    # torchvision's RetinaNet, loading the same dict with its own v1 -> v2 upgrade, is the independent reference
+    body = resnext50_32x4d(weights=None, norm_layer=FrozenBatchNorm2d)
+    reference = RetinaNet(_resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4],
+                                                extra_blocks=LastLevelP6P7(256, 256)), num_classes=264)
+    reference.load_state_dict(state, strict=True)
+    ours = loaded.state_dict()
+    assert all(torch.equal(ours[key], value) for key, value in reference.state_dict().items())
+
+    torch.save(ours, tmp_path / 'plain.pth')
+    again = build_model(mm_cfg, tmp_path / 'plain.pth')
+    pipeline = image_pipeline(mm_cfg)
+    data = pseudo_collate([pipeline({'img_path': str(DEMO_IMAGES / 'bus.jpg'), 'img_id': 0})])
+    with torch.no_grad():
+        first, second = (m.test_step(data)[0].pred_instances for m in (loaded, again))
+    assert torch.equal(first.bboxes, second.bboxes) and torch.equal(first.scores, second.scores)
+
+
+def _mlperf_preprocessing(path) -> np.ndarray:
+    """MLCommons inference's pre_process_openimages_retinanet (python/dataset.py), written out from its steps:
+    cv2.imread, float32, gray -> RGB, BGR -> RGB, cv2.resize 800x800 INTER_LINEAR on the float image, /255; then
+    the ImageNet mean/std the reference model applies first."""
+    import cv2
+
+    img = np.array(cv2.imread(str(path)), dtype=np.float32)
+    if len(img.shape) < 3 or img.shape[2] != 3:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    img = cv2.resize(img, (800, 800), interpolation=cv2.INTER_LINEAR)
+    img /= 255.0
+    img = (img - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return img.transpose([2, 0, 1])
+
+
+def test_preprocessing_is_mlperfs_step_for_step(mm_cfg, model, coco128, tmp_path):
+    """The host pipeline's normalized tensor equals MLPerf's on real images of several sizes, a grayscale JPEG
+    and an EXIF-rotated one (max abs <= 1e-5)."""
+    from PIL import Image
+
+    from integrations.deploy import loop_preprocessing
+
+    bus = DEMO_IMAGES / 'bus.jpg'
+    rotated = tmp_path / 'rotated.jpg'
+    exif = Image.open(bus).getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
+    Image.open(bus).save(rotated, exif=exif.tobytes())
+    gray = tmp_path / 'gray.jpg'
+    Image.open(coco128 / 'images' / sorted((coco128 / 'images').iterdir())[0].name).convert('L').save(gray)
+    paths = [bus, DEMO_IMAGES / 'zidane.jpg', *sorted((coco128 / 'images').iterdir())[:4], gray, rotated]
+    sizes = {Image.open(p).size for p in paths}
+    assert len(sizes) >= 4 and Image.open(gray).mode == 'L'
+    preprocess = loop_preprocessing(mm_cfg, model)
+    for path in paths:
+        ours, theirs = preprocess(path)[0], _mlperf_preprocessing(path)
+        assert ours.shape == theirs.shape == (3, 800, 800)
+        assert np.abs(ours - theirs).max() <= 1e-5, path
+    upright, turned = _mlperf_preprocessing(bus), preprocess(rotated)[0]
+    assert np.abs(upright - turned).mean() > 0.1  # the rotation was applied, not ignored
+
+
+def test_categories_out_of_id_order_are_refused(tmp_path):
+    """pycocotools and mmdet keep the file's order of categories: in any other order than by id every label would
+    shift, so such a file is refused with the fix."""
+    from integrations.app import check_inputs
+
+    committed = json.loads((ROOT / 'data' / 'demo' / 'openimages-mlperf.json').read_text())
+    committed['categories'] = committed['categories'][::-1]
+    ann = tmp_path / 'reversed.json'
+    ann.write_text(json.dumps(committed))
+    with pytest.raises(UserError, match='not listed in id order'):
+        check_inputs(compose_cfg('model=retinanet', 'data=openimages', f'data.img_dir={DEMO_IMAGES}',
+                                 f'data.ann_file={ann}'))
+
+
 def test_converter_maps_shared_classes(coco128, tmp_path):
     from integrations.models.openimages_mlperf import CLASSES, coco_to_mlperf
 

@@ -65,11 +65,15 @@ class MLPerfRetinaNet(BaseDetector):
 
     @staticmethod
     def adapt_state_dict(state_dict: dict) -> dict:
-        """MLCommons checkpoints hold torchvision's v1 head names (conv.0, conv.2, …); torchvision's own converter
-        renames them to the current ones (conv.0.0, conv.1.0, …)."""
+        """MLCommons checkpoints hold torchvision's v1 names: plain FPN convs (`backbone.fpn.inner_blocks.0.weight`,
+        now `….0.0.weight`) and head convs conv.0, conv.2, … (now conv.0.0, conv.1.0, …), renamed as torchvision's
+        own loading upgrades them; current names pass unchanged."""
+        import re
+
         from torchvision.models.detection.retinanet import _v1_to_v2_weights
 
-        state_dict = dict(state_dict)
+        plain_fpn_conv = re.compile(r'^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$')
+        state_dict = {plain_fpn_conv.sub(r'\1.0.\2', key): value for key, value in state_dict.items()}
         for prefix in ('head.classification_head.', 'head.regression_head.'):
             _v1_to_v2_weights(state_dict, prefix)
         return state_dict
