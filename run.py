@@ -68,5 +68,9 @@ if __name__ == '__main__':
         print(f'error: {config_error_line(err)} (python run.py --help lists the options)', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        if 'tqdm' in sys.modules:  # the progress bars left open end their lines first
+            from tqdm import tqdm
+            for bar in list(tqdm._instances):
+                bar.close()
         print('interrupted' + (' (SIGTERM)' if terminated else ''), file=sys.stderr)
         sys.exit(143 if terminated else 130)

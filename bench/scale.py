@@ -27,8 +27,8 @@ RETINANET_320 = """_base_ = '{base}'
 image_size = (320, 320)
 model = dict(image_size=image_size)
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(320, 320), keep_ratio=False, backend='pillow', interpolation='bilinear'),
+    dict(type='LoadImageFromFile', imdecode_backend='cv2', color_type='color', to_float32=True),
+    dict(type='Resize', scale=(320, 320), keep_ratio=False, backend='cv2', interpolation='bilinear'),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]

@@ -18,6 +18,7 @@ import numpy as np
 from mmdet.evaluation.metrics import CocoMetric
 from mmdet.registry import METRICS
 
+from common.errors import UserError
 from evaluators.cocoeval import StreamingCocoEval
 
 SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
@@ -46,10 +47,21 @@ class StreamedMetric:
 
     def process(self, data_batch, data_samples) -> None:
         for sample in data_samples:
+            self._check_size(sample)
             pred = sample['pred_instances']
             self.results.append((sample['img_id'], np.asarray(pred['bboxes'].cpu().numpy(), np.float32),
                                  np.asarray(pred['scores'].cpu().numpy(), np.float32),
                                  pred['labels'].cpu().numpy().astype(np.int16)))
+
+    def _check_size(self, sample: dict) -> None:
+        """The ground truth's boxes are in the pixels of the size the file states: an image of another size would
+        be scored against misplaced boxes, silently."""
+        image = self._coco_api.imgs.get(sample['img_id'], {})
+        stated, actual = (image.get('height'), image.get('width')), tuple(sample['ori_shape'][:2])
+        if None not in stated and stated != actual:
+            raise UserError(f"data.ann_file: {sample.get('img_path', sample['img_id'])} is {actual[1]}x{actual[0]} "
+                            f'but the annotation file states {stated[1]}x{stated[0]} (width x height); fix that '
+                            "image's width/height (and its boxes) in the file")
 
     def accumulated_stats(self, results: list):
         """(stats, accumulated) of the gathered detections; the 12-line summary printed as pycocotools prints it."""

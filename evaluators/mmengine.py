@@ -72,7 +72,7 @@ class DeviceEvaluator(Evaluator):
         for name, session in sessions.items():
             evaluator = Evaluator(_with_prefix(self.metric_cfgs, name))
             evaluator.dataset_meta = getattr(self, '_dataset_meta', None)
-            self.paths[name] = (DeviceInference(session, decoder), evaluator)
+            self.paths[name] = (DeviceInference(session, decoder, self.labels.get(name, name)), evaluator)
         self.preprocessor = preprocessor
         self.host_s = dict.fromkeys(self.host_s, 0.0)
         self.taps = NativeTaps(taps)

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserError, check_at_least
+from common.files import write_json_atomic, write_text_atomic
 from integrations.config import plain
 
 OPSETS = (11, 20)
@@ -27,13 +28,68 @@ def check_dataset(img_dir: str, ann_file: str) -> dict:
         coco = json.loads(Path(ann_file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f'data.ann_file={ann_file}: not valid JSON ({err})') from None
-    if not isinstance(coco, dict) or not all(k in coco for k in ('images', 'annotations', 'categories')):
-        raise UserError(f'data.ann_file={ann_file}: not COCO format (needs images, annotations, categories)')
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list)
+                                             for k in ('images', 'annotations', 'categories')):
+        raise UserError(f'data.ann_file={ann_file}: not COCO format (needs images, annotations, categories lists)')
+    check_coco_entries(ann_file, coco)
     missing = [im['file_name'] for im in coco['images'] if not (Path(img_dir) / im['file_name']).is_file()]
     if missing:
         raise UserError(f'data.img_dir={img_dir}: {len(missing)} image(s) of {ann_file} missing, '
                         f'first: {missing[0]}')
+    empty = [im['file_name'] for im in coco['images'] if (Path(img_dir) / im['file_name']).stat().st_size == 0]
+    if empty:
+        raise UserError(f'data.img_dir={img_dir}: {len(empty)} image file(s) are empty (0 bytes), first: '
+                        f'{empty[0]}; replace or remove them')
     return coco
+
+
+def ensure_writable(path: Path, option: str) -> None:
+    """Create `path` if needed and write a probe file into it, so a run never fails at its end for want of a
+    place to put its results."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise UserError(f'{option}={path}: not a writable directory ({err.strerror}); choose another') from None
+
+
+def check_coco_entries(ann_file: str, coco: dict) -> None:
+    """What pycocotools and mmdet take for granted of a COCO file, checked with the entry named: a bad entry
+    would otherwise surface as a KeyError deep in the loop, or as a silently wrong mAP."""
+    def fail(what: str) -> None:
+        raise UserError(f'data.ann_file={ann_file}: {what}')
+
+    if not coco['images']:
+        fail('no images')
+    if not coco['categories']:
+        fail('no categories')
+    ids = set()
+    for index, image in enumerate(coco['images']):
+        if not isinstance(image, dict):
+            fail(f'images[{index}] is not an object')
+        for key, kind in (('id', int), ('file_name', str), ('width', int), ('height', int)):
+            if not isinstance(image.get(key), kind) or isinstance(image.get(key), bool):
+                fail(f'images[{index}] needs "{key}" ({kind.__name__}), has {image.get(key)!r}')
+        if image['width'] < 1 or image['height'] < 1:
+            fail(f'images[{index}] ({image["file_name"]}) has size {image["width"]}x{image["height"]}')
+        if image['id'] in ids:
+            fail(f'image id {image["id"]} appears twice (images[{index}], {image["file_name"]}); ids must be unique')
+        ids.add(image['id'])
+    category_ids = {c.get('id') for c in coco['categories'] if isinstance(c, dict)}
+    if len(category_ids) != len(coco['categories']) or None in category_ids:
+        fail('every category needs a unique "id"')
+    for index, ann in enumerate(coco['annotations']):
+        name = f'annotations[{index}] (id {ann.get("id")})' if isinstance(ann, dict) else f'annotations[{index}]'
+        if not isinstance(ann, dict) or ann.get('image_id') not in ids:
+            fail(f'{name} points to image id {ann.get("image_id") if isinstance(ann, dict) else None}, '
+                 'which is not in images')
+        if ann.get('category_id') not in category_ids:
+            fail(f'{name} has category_id {ann.get("category_id")!r}, which is not in categories')
+        box = ann.get('bbox')
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            fail(f'{name} needs "bbox": [x, y, width, height], has {box!r}')
+        if box[2] < 0 or box[3] < 0:
+            fail(f'{name} has a box of negative size {box}; COCO boxes are [x, y, width, height]')
 
 
 def check_openimages_mlperf(ann_file: str, categories: list[dict]) -> None:
@@ -110,6 +166,8 @@ def check_inputs(cfg: DictConfig) -> int:
     if missing:
         raise UserError(f'runtime.{missing[0]} is required for runtime={cfg.runtime.name}: '
                         f'add runtime.{missing[0]}=… (see conf/runtime/{cfg.runtime.name}.yaml)')
+    if cfg.cache.enabled and cfg.task in ('eval', 'bench', 'mlperf'):
+        ensure_writable(Path(cfg.cache.dir), 'cache.dir')
     if cfg.task in ('eval', 'bench', 'export', 'mlperf'):  # the runtime's checks (options, SDK, compiler) first
         from runtime import get_runtime
         options = {k: v for k, v in plain(cfg.runtime).items() if k != 'name'}
@@ -143,22 +201,6 @@ def host_threads(cfg: DictConfig):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _metric_block(metrics: dict, prefix: str) -> dict | None:
@@ -197,6 +239,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
         from hydra.core.hydra_config import HydraConfig
         output_dir = HydraConfig.get().runtime.output_dir
     output_dir = Path(output_dir)
+    ensure_writable(output_dir, 'hydra.run.dir (the output dir)')
     if cfg.task == 'cache':
         return cache_task(cfg)
     if cfg.task == 'export':

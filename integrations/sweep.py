@@ -3,10 +3,13 @@ summary.png (mAP against latency, Pareto front marked) in the sweep directory, a
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+from common.files import write_atomic, write_text_atomic
 
 from integrations.mlperf import REFERENCE_MAP, TARGET_FRACTION
 
@@ -93,13 +96,14 @@ def write_summary(sweep_dir: Path) -> list[dict]:
         print(f'no results.json under {sweep_dir}: nothing to summarize')
         return rows
     front = pareto_front(rows)
-    with open(sweep_dir / 'summary.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, 'pareto'])
-        writer.writeheader()
-        writer.writerows({**row, 'pareto': row['job'] in front} for row in rows)
+    text = io.StringIO(newline='')
+    writer = csv.DictWriter(text, fieldnames=[*COLUMNS, 'pareto'])
+    writer.writeheader()
+    writer.writerows({**row, 'pareto': row['job'] in front} for row in rows)
+    write_text_atomic(sweep_dir / 'summary.csv', text.getvalue())
     table = markdown(rows, front)
-    (sweep_dir / 'summary.md').write_text(table)
-    plot(rows, front, sweep_dir / 'summary.png')
+    write_text_atomic(sweep_dir / 'summary.md', table)
+    write_atomic(sweep_dir / 'summary.png', lambda tmp: plot(rows, front, Path(tmp)))
     print(table)
     print(f'summary: {sweep_dir / "summary.csv"}, summary.md, summary.png')
     return rows

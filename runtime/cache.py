@@ -67,6 +67,9 @@ class ArtifactCache:
                 if self.valid(entry):
                     return entry, True
                 shutil.rmtree(entry)
+            for stale in self.root.glob(f'.{key}.*'):  # a build of this key killed before its rename
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.', dir=self.root))
             try:
                 build(tmp)

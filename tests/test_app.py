@@ -134,3 +134,19 @@ def test_unknown_group_value_fails_clearly(tmp_path):
     proc = run_cli('model=nope', f'hydra.run.dir={tmp_path}')
     assert proc.returncode != 0
     assert "Could not find 'model/nope'" in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_the_same_command_twice_gives_identical_bytes_and_detections(demo_subset_data, tmp_path):
+    """Determinism: two uncached int8 runs export and quantize to the same bytes, score the same metrics and
+    write the same per-image detections."""
+    runs = [run(compose_cfg('precision=int8', 'precision.calibration.num_images=3', 'cache.enabled=false',
+                            'eval.save_txt=true', *demo_subset_data), tmp_path / name) for name in ('a', 'b')]
+    assert runs[0]['device'] == runs[1]['device'] and runs[0]['native'] == runs[1]['native']
+    assert runs[0]['precision_details']['calibration_digest'] == runs[1]['precision_details']['calibration_digest']
+    built = [sorted((tmp_path / name / 'export').rglob('*.onnx')) for name in ('a', 'b')]
+    assert [p.name for p in built[0]] == [p.name for p in built[1]] and len(built[0]) >= 2
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(*built))
+    texts = [sorted((tmp_path / name / 'txt').rglob('*')) for name in ('a', 'b')]
+    files = [[p for p in t if p.is_file()] for t in texts]
+    assert len(files[0]) == len(files[1]) >= 6  # device and native, per image, and pred.json
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(*files))

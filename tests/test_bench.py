@@ -140,3 +140,19 @@ def test_bad_bench_option_fails_before_any_export(tmp_path):
 def test_default_bench_options_pass():
     check_bench(compose_cfg('task=bench').bench)
     check_bench(compose_cfg('task=bench', 'bench.scenario=single_stream', 'bench.replay_latency_ms=2.5').bench)
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_non_finite_raw_maps_stop_with_the_runtime_and_map_named(bad):
+    """NaN/inf from a broken device must not decode into a silent mAP."""
+    class Broken:
+        def run(self, batch):
+            maps = [np.zeros((1, 4, 2, 2), np.float32), np.zeros((1, 4, 1, 1), np.float32)]
+            maps[1][0, 2, 0, 0] = bad
+            return maps
+
+    decoded = []
+    inference = DeviceInference(Broken(), lambda maps, metas: decoded.append(maps), label='onnx int8')
+    with pytest.raises(UserError, match=r'onnx int8: raw map 1 \[1, 4, 1, 1\] holds (NaN|inf) values.*a.jpg'):
+        inference.submit(torch.zeros(1, 3, 2, 2), [{'img_path': 'a.jpg'}]).result()
+    assert not decoded

@@ -3,15 +3,16 @@ import json
 import subprocess
 import sys
 
+import mlperf_loadgen as lg
 import numpy as np
 import pytest
 import torch
 
 from integrations.app import run
-from integrations.mlperf import DeviceSUT, SampleLibrary, decode_accuracy_log, loadgen_settings, response_rows
+from integrations.mlperf import (DeviceSUT, SampleLibrary, decode_accuracy_log, loadgen_settings,
+                                response_rows)
 from tests.conftest import ROOT, compose_cfg
 
-lg = pytest.importorskip('mlperf_loadgen')
 YOLOV5N = ['model.config=mmyolo::yolov5/yolov5_n-v61_syncbn_fast_8xb16-300e_coco.py', 'model.checkpoint=null']
 
 

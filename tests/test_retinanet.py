@@ -329,3 +329,25 @@ def test_demo_data_in_the_models_label_space(tmp_path):
     with pytest.raises(UserError, match='not in the openimages-mlperf format'):
         check_inputs(compose_cfg('model=retinanet', 'data=coco', f'data.img_dir={DEMO_IMAGES}',
                                  f"data.ann_file={ROOT / 'data' / 'demo' / 'annotations.json'}"))
+
+
+def test_mlperf_accuracy_run_for_retinanet(model, tmp_path):
+    """task=mlperf model=retinanet: the label is the category id, the target MLPerf's 0.99 x 0.3755."""
+    from integrations.models.openimages_mlperf import convert
+
+    ann = tmp_path / 'openimages-mlperf.json'
+    coco = convert(json.loads((ROOT / 'data' / 'demo' / 'annotations.json').read_text()))
+    ann.write_text(json.dumps(coco))
+    checkpoint = tmp_path / 'retinanet_model_10.pth'
+    torch.save({'model': _v1_state_dict(model)}, checkpoint)
+    result = run(compose_cfg('task=mlperf', 'mlperf.mode=accuracy', 'model=retinanet', 'data=openimages',
+                             f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={ann}', 'eval.num_images=1',
+                             f'model.checkpoint={checkpoint}', f'eval.score_thr={SCORE_THR}'), tmp_path / 'run')
+    block = result['mlperf']
+    assert block['target'] == pytest.approx(0.99 * 0.3755) and block['meets_target'] is (
+        block['accuracy']['bbox_mAP'] >= block['target'])
+    assert block['accuracy']['bbox_mAP'] == pytest.approx(block['native']['bbox_mAP'], abs=1e-3)
+    rows = json.loads((tmp_path / 'run' / 'mlperf_log_accuracy.json').read_text())
+    data = np.frombuffer(bytes.fromhex(rows[0]['data']), np.float32).reshape(-1, 7)
+    assert len(data) > 0 and set(data[:, 6].astype(int)) <= {c['id'] for c in coco['categories']}
+    assert (data[:, 1:5] >= 0).all() and (data[:, 1:5] <= 1).all()  # normalized ymin, xmin, ymax, xmax

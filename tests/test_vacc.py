@@ -415,6 +415,15 @@ def test_npz_path_reads_vamps_output_naming_and_refuses_other_outputs(vsx, asset
                  output_1=np.zeros((1, 300, 1), np.float16), output_2=np.zeros((1, 300, 4), np.float16))
     with pytest.raises(UserError, match=r'output_000000.npz holds float16\[1, 300, 1\].*extra_ops'):
         run(compose_cfg('runtime=npz', *data), tmp_path / 'nms')
+    shapes = vacc['io']['outputs']
+    for i in range(len(lines)):  # the right sizes in an integer dtype
+        np.savez(outputs / f'output_{i:06d}.npz',
+                 **{f'output_{k}': np.zeros(o['shape'], np.int32) for k, o in enumerate(shapes)})
+    with pytest.raises(UserError, match=r'output_000000.npz holds int32'):
+        run(compose_cfg('runtime=npz', *data), tmp_path / 'int')
+    (outputs / f'output_{len(lines) - 1:06d}.npz').unlink()  # vamp stopped early
+    with pytest.raises(UserError, match=f'{len(lines) - 1} npz files for {len(lines)} datalist lines'):
+        run(compose_cfg('runtime=npz', *data), tmp_path / 'short')
 
 
 def test_model_prefix_skips_compiling_and_ranks_use_their_own_device(vsx, assets, demo_subset_data,
@@ -439,3 +448,14 @@ def test_bench_runs_the_worker_on_image_files_and_measures_its_transfer(vsx, ass
     assert all(0 < b['worker_transfer_ms_per_image'] < 1000 for b in result['settings'])
     assert result['evaluation']['images_per_s'] > 0 and (tmp_path / 'bench.json').is_file()
     assert max(c[1] for c in vsx.calls('run_sync')) == 1  # batch 2 requests, in run_sync calls of the stream's 1
+
+
+def test_mlperf_loadgen_drives_the_card(vsx, assets, demo_subset_data, tmp_path):
+    """task=mlperf runtime=vacc: LoadGen's samples go to the device worker (it reads the image files), and the
+    accuracy log scores as runtime=vacc's evaluation does."""
+    evaluated = run(compose_cfg('runtime=vacc', 'precision=fp16', 'eval.compare_native=false', *demo_subset_data),
+                    tmp_path / 'eval')
+    mlperf = run(compose_cfg('task=mlperf', 'mlperf.mode=accuracy', 'runtime=vacc', 'precision=fp16',
+                             'eval.compare_native=false', *demo_subset_data), tmp_path / 'mlperf')
+    assert mlperf['mlperf']['accuracy']['bbox_mAP'] == pytest.approx(evaluated['device']['bbox_mAP'], abs=2e-3)
+    assert len(vsx.calls('run_sync')) >= 3

@@ -34,6 +34,9 @@ def load_model_config(config: str):
     # on the result.
     cfg = Config.fromfile(path)
     object.__setattr__(cfg, '_format_python_code', False)
+    if not all(key in cfg for key in ('model', 'test_dataloader')):
+        raise UserError(f'model.config={config}: not a detector config (an mmdet/mmyolo config with model and '
+                        'test_dataloader)')
     return cfg
 
 
