@@ -57,8 +57,8 @@ class StreamedMetric:
         """The ground truth's boxes are in the pixels of the size the file states: an image of another size would
         be scored against misplaced boxes, silently."""
         image = self._coco_api.imgs.get(sample['img_id'], {})
-        stated, actual = (image.get('height'), image.get('width')), tuple(sample['ori_shape'][:2])
-        if None not in stated and stated != actual:
+        stated, actual = (image.get('height'), image.get('width')), tuple(sample.get('ori_shape', ())[:2])
+        if None not in stated and actual and stated != actual:
             raise UserError(f"data.ann_file: {sample.get('img_path', sample['img_id'])} is {actual[1]}x{actual[0]} "
                             f'but the annotation file states {stated[1]}x{stated[0]} (width x height); fix that '
                             "image's width/height (and its boxes) in the file")
