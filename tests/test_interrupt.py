@@ -16,7 +16,7 @@ from common.files import write_json_atomic
 from runtime.cache import ArtifactCache
 from tests.conftest import ROOT
 
-COMMAND = ['precision=int8', 'precision.calibration.num_images=3', 'eval.num_images=3', 'eval.prefetch=0']
+COMMAND = ['precision=int8', 'precision.calibration.num_images=3', 'eval.num_images=6', 'eval.prefetch=0']
 
 
 def _start(run_dir, cache_dir, *extra):
@@ -33,6 +33,7 @@ def _stop_at(process, marker: str, sig) -> str:
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk and time.monotonic() < deadline, f'run ended before {marker!r}: {seen[-2000:]!r}'
         seen += chunk
+    time.sleep(0.3)  # into the stage, not between the two writes of the marker's own line
     os.killpg(process.pid, sig)
     _, rest = process.communicate(timeout=300)
     return (seen + rest).decode(errors='replace')
