@@ -12,7 +12,6 @@ from __future__ import annotations
 import array
 import json
 import queue
-import re
 import shutil
 import statistics
 import threading
@@ -73,19 +72,18 @@ def coco_map(ann_file: str, detections: list[dict], image_ids: list[int]) -> dic
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    from evaluators.metrics import SUMMARY_KEYS
+
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(ann_file)
         if not detections:
-            return {key: 0.0 for key in SUMMARY}
+            return {key: 0.0 for key in SUMMARY_KEYS}
         evaluation = COCOeval(gt, gt.loadRes(detections), iouType='bbox')
         evaluation.params.imgIds = sorted(image_ids)
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return {key: float(evaluation.stats[i]) for i, key in enumerate(SUMMARY)}
-
-
-SUMMARY = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+    return {key: float(evaluation.stats[i]) for i, key in enumerate(SUMMARY_KEYS)}
 
 
 class SampleLibrary:
@@ -243,7 +241,6 @@ def performance_figures(records: dict, scenario: str) -> dict:
 def run_mlperf(cfg: DictConfig, output_dir: Path) -> dict:
     """Build (or reuse) the runtime, run LoadGen over the config's dataset, and return the `mlperf` block."""
     import mlperf_loadgen as lg
-    import torch
 
     from evaluators.preprocess import BatchPreprocessor
     from integrations.mmengine.runner import build_runner, export_hook
