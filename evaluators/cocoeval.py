@@ -256,7 +256,8 @@ def weighted_map(stacked: Stacked, weights: np.ndarray, rec_thrs: np.ndarray, th
         tps, fps = (matched & ~ignored).astype(np.int64), (~matched & ~ignored).astype(np.int64)
         images, scores = stacked.image[order], stacked.score[order]
         npig_images = stacked.npig[area, :, k]
-        run_start = np.flatnonzero(np.r_[True, (images[1:] != images[:-1]) | (scores[1:] != scores[:-1])])
+        run_start = np.flatnonzero(np.r_[True, (images[1:] != images[:-1]) | (scores[1:] != scores[:-1])]) \
+            if len(order) else order  # a category with ground truth only: AP 0
         ap = np.full(len(weights), np.nan)
         for start in range(0, len(weights), chunk):
             w = weights[start:start + chunk].astype(np.int64)

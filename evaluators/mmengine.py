@@ -2,7 +2,9 @@
 
 It wraps the config's own metrics once per path: the native copy (prefix `native`) sees the model's
 predictions as usual; each runtime path (`device`, and `reference` when a reference precision is evaluated
-in the same run) sees that runtime's decoded detections for the same batch.
+in the same run) sees that runtime's decoded detections for the same batch. With `explain`, the native model's
+raw maps are also decoded with the model's own settings (`native_own_decode`, when the deployed ones differ) and
+every image's native and device detections are diffed (evaluators/explain.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import copy
 import time
 from collections import deque
 
+import torch
 from mmengine.evaluator import Evaluator
 from mmengine.registry import EVALUATOR
 from mmengine.structures import InstanceData
@@ -34,9 +37,11 @@ class DeviceEvaluator(Evaluator):
         labels: printed name of each runtime path, e.g. {'device': 'onnx int8'}. Defaults to the path names.
         overlap: run batch k on the device while batch k-1 is decoded and k-2 scored.
         save_txt: a folder: every path's detections also go to <save_txt>/txt/<path>/ (evaluators/outputs.py).
+        explain: DetectionDiff's options (score_thr, iou_thr, keep): diff native and device per image.
     """
 
-    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, save_txt: str | None = None):
+    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, save_txt: str | None = None,
+                 explain: dict | None = None):
         super().__init__(_with_prefix(metrics, 'native'))
         self.metric_cfgs = metrics
         self.labels = dict(labels or {})
@@ -51,6 +56,9 @@ class DeviceEvaluator(Evaluator):
         # overlap: batch k runs while batch k-1 is decoded and the loop scores batch k-2 and loads batch k+1
         self.in_flight = 2 if overlap else 0
         self.pending: deque = deque()
+        self.explain = dict(explain) if explain is not None else None
+        self.diff = None  # DetectionDiff, with explain
+        self.own_decode = None  # (decoder, Evaluator): native raw maps decoded with the model's own settings
 
     @property
     def dataset_meta(self):
@@ -61,12 +69,18 @@ class DeviceEvaluator(Evaluator):
         self._dataset_meta = meta
         for metric in self.metrics:
             metric.dataset_meta = meta
-        for _, evaluator in self.paths.values():
+        for _, evaluator in self._path_evaluators():
             evaluator.dataset_meta = meta
 
-    def attach(self, sessions: dict, decoder, preprocessor, taps=()) -> None:
+    def _path_evaluators(self):
+        yield from ((name, evaluator) for name, (_, evaluator) in self.paths.items())
+        if self.own_decode:
+            yield 'native_own_decode', self.own_decode[1]
+
+    def attach(self, sessions: dict, decoder, preprocessor, taps=(), own_decoder=None) -> None:
         """Called by ExportHook before the loop: one session per path, the decoder, the model's preprocessor
-        and the native raw-map modules (none: the native forward is skipped)."""
+        and the native raw-map modules (none: the native forward is skipped); with explain, `own_decoder` decodes
+        the native raw maps with the model's own post-processing settings."""
         for inference, _ in self.paths.values():  # a second test loop (task=bench) replaces the first's sessions
             inference.close()
         for name, session in sessions.items():
@@ -77,6 +91,14 @@ class DeviceEvaluator(Evaluator):
         self.host_s = dict.fromkeys(self.host_s, 0.0)
         self.taps = NativeTaps(taps)
         self.compare_native = bool(taps)
+        self.own_decode, self.diff = None, None
+        if self.explain is not None:
+            if not self.compare_native:
+                raise ValueError('explain needs the native model (compare_native)')
+            if own_decoder is not None:
+                evaluator = Evaluator(_with_prefix(self.metric_cfgs, 'native_own_decode'))
+                evaluator.dataset_meta = getattr(self, '_dataset_meta', None)
+                self.own_decode = (own_decoder, evaluator)
 
     def _open_writers(self) -> None:
         """One DetectionWriter per path, with the labels' class names and category ids of the path's metric."""
@@ -105,7 +127,18 @@ class DeviceEvaluator(Evaluator):
         native_maps = self.taps.take()
         futures = {name: inference.submit(batch['inputs'], metas, native_maps)
                    for name, (inference, _) in self.paths.items()}
-        self.pending.append((futures, batch, data_batch))
+        native = None
+        if self.explain is not None:
+            if self.diff is None:
+                from evaluators.explain import DetectionDiff
+                self.diff = DetectionDiff(self._dataset_meta['classes'], **self.explain)
+            native = [{k: getattr(s.pred_instances, k).cpu().numpy() for k in ('bboxes', 'scores', 'labels')}
+                      for s in data_samples]
+        if self.own_decode:
+            decoder, evaluator = self.own_decode
+            own = decoder([torch.from_numpy(m) for m in native_maps], metas)
+            evaluator.process(_with_detections(batch['data_samples'], own), data_batch)
+        self.pending.append((futures, batch, data_batch, native))
         if self.compare_native:
             super().process(data_samples, data_batch)
             if 'native' in self.writers:
@@ -118,18 +151,18 @@ class DeviceEvaluator(Evaluator):
 
     def _finish_oldest(self) -> None:
         """Feed each path's metrics with the oldest batch's detections, in batch order."""
-        futures, batch, data_batch = self.pending.popleft()
+        futures, batch, data_batch, native = self.pending.popleft()
         for name, (_, evaluator) in self.paths.items():
             detections = futures[name].result()
             start = time.perf_counter()
-            samples = []
-            for sample, det in zip(batch['data_samples'], detections):
-                sample = sample.clone()
-                sample.pred_instances = InstanceData(**det)
-                samples.append(sample)
-                if name in self.writers:
+            samples = _with_detections(batch['data_samples'], detections)
+            if name in self.writers:
+                for sample, det in zip(samples, detections):
                     self.writers[name].write(sample.img_id, sample.img_path, det['bboxes'].numpy(),
                                              det['scores'].numpy(), det['labels'].numpy())
+            if name == 'device' and native is not None:
+                for sample, own, det in zip(samples, native, detections):
+                    self.diff.add(sample.img_id, sample.img_path, own, {k: v.numpy() for k, v in det.items()})
             evaluator.process(samples, data_batch)
             self.host_s['metric'] += time.perf_counter() - start
         self.preprocessor.release(batch['inputs'])  # every path's runtime call on it has returned
@@ -142,6 +175,10 @@ class DeviceEvaluator(Evaluator):
         for writer in self.writers.values():  # before the metrics gather: every rank has written its images
             writer.close()
         results = {}
+        if self.own_decode:
+            if is_main_process():
+                print('==== native, the model\'s own post-processing settings ====', flush=True)
+            results.update(self.own_decode[1].evaluate(size))
         for name, (inference, evaluator) in self.paths.items():
             if is_main_process():
                 print(f'==== {name} ({self.labels.get(name, name)}) ====', flush=True)
@@ -168,6 +205,16 @@ class DeviceEvaluator(Evaluator):
             self.outputs = {name: writer.finish() for name, writer in self.writers.items()}
         self.writers = {}
         return results
+
+
+def _with_detections(data_samples, detections: list[dict]) -> list:
+    """Copies of the batch's data samples carrying a path's detections as their predictions."""
+    samples = []
+    for sample, det in zip(data_samples, detections):
+        sample = sample.clone()
+        sample.pred_instances = InstanceData(**det)
+        samples.append(sample)
+    return samples
 
 
 def _seed_dict(results: dict, prefix: str) -> dict:

@@ -151,7 +151,10 @@ def check_mlperf(options: DictConfig) -> None:
 
 def check_inputs(cfg: DictConfig) -> int:
     """Ranges and rules across options (Hydra has checked every type), then the data: the number of images."""
+    from integrations.explain import check as check_explain
+
     check_eval(cfg.eval)
+    check_explain(cfg)
     if not OPSETS[0] <= cfg.export.opset <= OPSETS[1]:
         raise UserError(f'export.opset={cfg.export.opset}: use {OPSETS[0]}-{OPSETS[1]} (the TorchScript exporter\'s '
                         'range that both model families export at)')
@@ -271,6 +274,8 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
     for kind in ('txt', 'pred_json'):  # eval.save_txt: the folders and files per path
         if outcome.get('outputs'):
             artifacts[kind] = {path: files[kind] for path, files in outcome['outputs'].items()}
+    from integrations.explain import reference_precision
+
     device, native, reference = (_metric_block(metrics, p) for p in ('device', 'native', 'reference'))
     results = {
         'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
@@ -282,7 +287,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
         'shape_note': 'fixed-shape letterbox for native and device (the config\'s batch_shapes_cfg is off)',
         'device': device, 'native': native, 'reference': reference,
         'delta': {'device_minus_native': _delta(device, native), 'device_minus_reference': _delta(device, reference),
-                  'reference': cfg.eval.reference},
+                  'reference': reference_precision(cfg)},
         'fidelity': ({'max_abs_diff': metrics['device/raw_max_abs_diff'],
                       'min_cosine': metrics['device/raw_min_cosine']} if 'device/raw_max_abs_diff' in metrics
                      else None),
@@ -292,6 +297,14 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
                     'images_per_s': num_images / outcome['eval_s']},
         'artifacts': artifacts, 'io': report['io'], 'runtime_version': report['runtime_version'],
     }
+    if cfg.eval.explain:
+        from integrations.explain import explain
+        from integrations.mmengine.runner import evaluated_annotations
+
+        ann_file = evaluated_annotations(Path(cfg.data.ann_file), cfg.eval.get('num_images'), output_dir)
+        block = explain(cfg, outcome, output_dir, ann_file)
+        results['artifacts'].update(block.pop('artifacts'))
+        results.update(block)
     if outcome.get('rank', 0) == 0:  # distributed: every rank has the gathered metrics, one writes them
         write_json_atomic(output_dir / 'results.json', results)
         print(format_comparison(results), file=sys.stdout)
@@ -440,6 +453,15 @@ def format_comparison(results: dict) -> str:
     if results['fidelity']:
         lines.append(f"raw maps: max |diff| {results['fidelity']['max_abs_diff']:.3g}, "
                      f"min cosine {results['fidelity']['min_cosine']:.6f}")
+    if results.get('breakdown'):
+        lines.append('where the mAP went (eval.explain; 95 % paired bootstrap intervals):')
+        for entry in results['breakdown']:
+            delta = '' if entry['delta'] is None else \
+                f"  {entry['delta']:+.4f} [{entry['delta_ci95'][0]:+.4f}, {entry['delta_ci95'][1]:+.4f}]"
+            lines.append(f"  {entry['stage']:<14}{entry['bbox_mAP']:.4f}{delta}  {entry['label']}")
+        low, high = results['delta_ci95']
+        lines.append(f"device - native {results['delta']['device_minus_native']:+.4f}, 95 % interval "
+                     f"[{low:+.4f}, {high:+.4f}]; report: {results['artifacts']['report']}")
     t = results['timings']
     lines.append(f"{results['num_images']} images, {t['images_per_s']:.2f} images/s "
                  f"(export {t['export_s']:.1f}s, build {t['build_s']:.1f}s, eval {t['eval_s']:.1f}s, "

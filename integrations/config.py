@@ -122,6 +122,17 @@ class EvalConf:
     host_threads: Optional[int] = MISSING
     multi_label: Optional[bool] = MISSING
     save_txt: bool = MISSING
+    explain: bool = MISSING
+
+
+@dataclass
+class ExplainConf:
+    resamples: int = MISSING
+    seed: int = MISSING
+    score_thr: float = MISSING
+    iou_thr: float = MISSING
+    images: int = MISSING
+    draw_ground_truth: bool = MISSING
 
 
 @dataclass
@@ -171,6 +182,7 @@ class CacheConf:
 class InloopConf:
     task: Task = MISSING
     eval: EvalConf = field(default_factory=EvalConf)
+    explain: ExplainConf = field(default_factory=ExplainConf)
     bench: BenchConf = field(default_factory=BenchConf)
     mlperf: MlperfConf = field(default_factory=MlperfConf)
     export: ExportConf = field(default_factory=ExportConf)

@@ -41,12 +41,14 @@ class DeviceBuild:
         torchscript: also write a traced TorchScript file. Defaults to False.
         compare_native: keep the native forward (native mAP and raw-map fidelity); False skips it.
         cache_dir: artifact cache directory; None (default) builds into `out_dir` every time.
+        own_decode: {'model', 'default_scope'} of the config with its own post-processing settings (eval.explain
+            when eval overrides them): the evaluator also decodes the native raw maps with them.
     """
 
     def __init__(self, family: str = 'yolov5', out_dir: str = 'export', runtime: dict | None = None,
                  precision: dict | None = None, reference: str | None = None, opset: int = 13,
                  simplify: bool = True, torchscript: bool = False, compare_native: bool = True,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, own_decode: dict | None = None):
         self.family_name = family
         self.family = get_family(family)
         self.out_dir = Path(out_dir)
@@ -57,6 +59,7 @@ class DeviceBuild:
         self.compare_native = compare_native
         self.cache = ArtifactCache(cache_dir) if cache_dir else None
         self.calibration_info: dict = {}
+        self.own_decode = own_decode
 
     def prepare(self, model, mm_cfg, dataset, evaluator) -> dict:
         """Build (or reuse), load the sessions, attach them to `evaluator`; returns the report for results.json.
@@ -68,8 +71,15 @@ class DeviceBuild:
             sessions['reference'] = reference.load(Artifact(entry / built['reference']['file'], root=entry))
         shape = self.family.input_shape(mm_cfg)
         taps = self.family.raw_map_modules(model) if self.compare_native else []
+        own_decoder = None
+        if self.own_decode:  # the decoder reads the model's anchors and settings, not its weights
+            from mmengine.config import ConfigDict
+
+            from integrations.mmengine.runner import build_model
+            own_decoder = self.family.build_decoder(build_model(ConfigDict(self.own_decode)), shape)
         evaluator.attach(sessions=sessions, decoder=self.family.build_decoder(model, shape),
-                         preprocessor=BatchPreprocessor(model.data_preprocessor, reuse=True), taps=taps)
+                         preprocessor=BatchPreprocessor(model.data_preprocessor, reuse=True), taps=taps,
+                         own_decoder=own_decoder)
         if not self.compare_native:
             # the native forward is not needed: hand the evaluator the batch's own data samples
             model.test_step = lambda data: data['data_samples']

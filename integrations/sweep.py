@@ -13,8 +13,8 @@ from common.files import write_atomic, write_text_atomic
 
 from integrations.mlperf import REFERENCE_MAP, TARGET_FRACTION
 
-COLUMNS = ['job', 'overrides', 'device_mAP', 'native_mAP', 'delta_native', 'delta_reference', 'meets_99',
-           'meets_mlperf', 'images_per_s', 'latency_ms', 'cache']
+COLUMNS = ['job', 'overrides', 'device_mAP', 'native_mAP', 'delta_native', 'delta_native_ci95', 'delta_reference',
+           'meets_99', 'meets_mlperf', 'images_per_s', 'latency_ms', 'cache']
 
 
 def meets(device: float, reference: float | None) -> bool | None:
@@ -38,6 +38,9 @@ def collect(sweep_dir: Path) -> list[dict]:
             'device_mAP': results['device']['bbox_mAP'],
             'native_mAP': native,
             'delta_native': results.get('delta', {}).get('device_minus_native'),
+            # eval.explain's paired bootstrap interval of delta_native
+            'delta_native_ci95': ' '.join(f'{v:+.4f}' for v in results['delta_ci95'])
+                                 if results.get('delta_ci95') else None,
             'delta_reference': results.get('delta', {}).get('device_minus_reference'),
             'meets_99': meets(results['device']['bbox_mAP'], native),  # device >= 0.99 x native
             'meets_mlperf': meets(results['device']['bbox_mAP'], REFERENCE_MAP.get(results.get('model'))),

@@ -22,7 +22,7 @@ def build_trainer(cfg: DictConfig, mm_cfg):
     evaluator = mm_cfg.test_evaluator
     callbacks = [ExportCallback(**{k: v for k, v in export.items() if k != 'type'}),
                  DeviceEvalCallback(evaluator['metrics'], labels=evaluator['labels'], overlap=evaluator['overlap'],
-                                    save_txt=evaluator['save_txt'])]
+                                    save_txt=evaluator['save_txt'], explain=evaluator['explain'])]
     logging.getLogger('lightning.pytorch').setLevel(cfg.engine.log_level)
     engine = {k: cfg.engine[k] for k in ('accelerator', 'devices', 'strategy', 'num_nodes')}
     try:
@@ -53,4 +53,4 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     timings = export.report['timings']
     eval_s = time.perf_counter() - start - timings['export_s'] - timings['build_s']
     return {'metrics': evaluation.metrics, 'report': export.report, 'eval_s': eval_s, 'rank': trainer.global_rank,
-            'outputs': evaluation.evaluator.outputs}
+            'outputs': evaluation.evaluator.outputs, 'evaluator': evaluation.evaluator, 'model': detector}

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from common.errors import UserError
 from integrations.config import plain
+from integrations.explain import own_decode_config, reference_precision
 from integrations.models import get_family
 
 CUSTOM_IMPORTS = ['integrations.mmengine.hooks', 'evaluators.mmengine']
@@ -114,10 +115,16 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     metrics = [streamed(m) for m in (metrics if isinstance(metrics, (list, tuple)) else [metrics])]
     for metric in metrics:
         metric.ann_file = dataset.ann_file
-    labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}',
-              'reference': f'{cfg.runtime.name} {cfg.eval.reference}'}
+    reference = reference_precision(cfg)
+    labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}', 'reference': f'{cfg.runtime.name} {reference}'}
+    explain = None
+    if cfg.eval.explain:
+        if 'Streaming' not in metrics[0]['type'] and 'OpenImagesMLPerf' not in metrics[0]['type']:
+            raise UserError(f"eval.explain=true: the config's metric ({metrics[0]['type']}) is not a bbox "
+                            'CocoMetric against an annotation file, which the breakdown re-accumulates')
+        explain = {k: cfg.explain[k] for k in ('score_thr', 'iou_thr')} | {'keep': cfg.explain.images}
     mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels, overlap=cfg.eval.overlap,
-                                 save_txt=str(output_dir) if cfg.eval.save_txt else None)
+                                 save_txt=str(output_dir) if cfg.eval.save_txt else None, explain=explain)
     runtime = plain(cfg.runtime)
     precision = plain(cfg.precision)
     # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
@@ -125,7 +132,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     kept_hooks = [h for h in mm_cfg.get('custom_hooks', []) if 'EMAHook' not in h['type']]
     mm_cfg.custom_hooks = [*kept_hooks,
                            dict(type='ExportHook', family=cfg.model.family, out_dir=str(export_dir),
-                                runtime=runtime, precision=precision, reference=cfg.eval.reference,
+                                runtime=runtime, precision=precision, reference=reference,
+                                own_decode=own_decode_config(cfg, mm_cfg) if cfg.eval.explain else None,
                                 opset=cfg.export.opset,
                                 simplify=cfg.export.simplify, torchscript=cfg.export.torchscript,
                                 compare_native=cfg.eval.compare_native,
@@ -204,4 +212,5 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     runner = build_runner(cfg, output_dir, export_dir)
     metrics, eval_s = run_test(runner)
     return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s, 'rank': get_rank(),
-            'outputs': runner.test_loop.evaluator.outputs}
+            'outputs': runner.test_loop.evaluator.outputs, 'evaluator': runner.test_loop.evaluator,
+            'model': runner.model}
