@@ -292,6 +292,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
                       'min_cosine': metrics['device/raw_min_cosine']} if 'device/raw_max_abs_diff' in metrics
                      else None),
         'precision_details': report['precision'],
+        'layers_report': report.get('layers_report'),
         'export_check': report['export_check'], 'cache': report['cache'],
         'timings': {**report['timings'], 'eval_s': outcome['eval_s'], 'runtime_s': metrics['device/runtime_s'],
                     'images_per_s': num_images / outcome['eval_s']},

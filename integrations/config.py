@@ -224,6 +224,13 @@ class CalibrationConf:
 
 
 @dataclass
+class SelectionConf:
+    img_dir: Optional[str] = MISSING
+    ann_file: Optional[str] = MISSING
+    num_images: Optional[int] = MISSING
+
+
+@dataclass
 class Int8Conf(PrecisionConf):
     calibration: CalibrationConf = field(default_factory=CalibrationConf)
     per_channel: bool = MISSING
@@ -231,6 +238,10 @@ class Int8Conf(PrecisionConf):
     activation_symmetric: bool = MISSING
     raw_map_convs: RawMapConvs = MISSING
     exclude: list[str] = MISSING
+    max_drop: Optional[float] = MISSING
+    selection: SelectionConf = field(default_factory=SelectionConf)
+    layers_report: bool = MISSING
+    layers_report_images: int = MISSING
 
 
 @dataclass

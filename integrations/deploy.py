@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from evaluators.preprocess import BatchPreprocessor
 from evaluators.device import compare_maps
 from integrations.export import RawMapGraph, export_onnx, export_torchscript
@@ -59,6 +60,7 @@ class DeviceBuild:
         self.compare_native = compare_native
         self.cache = ArtifactCache(cache_dir) if cache_dir else None
         self.calibration_info: dict = {}
+        self.selection_digest: str | None = None
         self.own_decode = own_decode
 
     def prepare(self, model, mm_cfg, dataset, evaluator) -> dict:
@@ -84,7 +86,10 @@ class DeviceBuild:
             # the native forward is not needed: hand the evaluator the batch's own data samples
             model.test_step = lambda data: data['data_samples']
         artifacts = {name: str(entry / file) for name, file in built['files'].items()}
-        return {'input_shape': [*shape], 'io': built['io'], 'export_check': built['export_check'],
+        layers = None
+        if self.precision['name'] == 'int8' and self.precision.get('layers_report'):
+            layers = self._layers_report(entry, built, model, mm_cfg, dataset)
+        return {'layers_report': layers,'input_shape': [*shape], 'io': built['io'], 'export_check': built['export_check'],
                 'build_dir': str(entry), 'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
                 'precision': {**built['device']['info'], **self.calibration_info},
                 'runtime_version': runtime.version()}
@@ -101,10 +106,11 @@ class DeviceBuild:
         calibration, self.calibration_info = self._calibration(model, mm_cfg, dataset)
         keep_float, equalize = raw_map_conv_handling(self.family, model, self.precision)
         preprocessing = self.family.device_preprocessing(mm_cfg)
+        select_float = self._float_layer_search(model, mm_cfg, dataset, shape, calibration)
 
         def build(out_dir: Path) -> None:
             build_artifacts(model, self.family, shape, out_dir, self.export_cfg, runtime, reference,
-                            calibration, keep_float, equalize, preprocessing)
+                            calibration, keep_float, equalize, preprocessing, select_float)
 
         if self.cache is None:
             shutil.rmtree(self.out_dir, ignore_errors=True)
@@ -120,6 +126,18 @@ class DeviceBuild:
             cache_state = 'hit' if hit else 'miss'
         return entry, json.loads((entry / BUILD_REPORT).read_text()), cache_state, runtime, reference
 
+    def _layers_report(self, entry: Path, built: dict, model, mm_cfg, dataset) -> list[dict]:
+        """Conv by conv in execution order, int8 against the float model on the first evaluated images."""
+        from runtime.onnx import FLOAT_REFERENCE, layer_divergence
+
+        if self.runtime_cfg['name'] != 'onnx':
+            raise UserError('precision.layers_report runs on runtime=onnx; remove the option')
+        count = min(int(self.precision.get('layers_report_images', 2)), len(dataset))
+        preprocess = loop_preprocessing(mm_cfg, model)
+        images = [preprocess(Path(dataset.get_data_info(i)['img_path'])) for i in range(count)]
+        log.info('layers report on %d images', count)
+        return layer_divergence(entry / FLOAT_REFERENCE, entry / built['device']['file'], images)
+
     def _key_parts(self, model, mm_cfg, shape, runtime, raw_map_convs) -> dict:
         """Everything that shapes the artifacts, and nothing that only shapes the evaluation (thresholds)."""
         import onnx
@@ -132,10 +150,35 @@ class DeviceBuild:
                 'runtime': {**self.runtime_cfg, **getattr(runtime, 'resolved_options', dict)()},
                 'precision': self.precision, 'reference': self.reference, 'raw_map_convs': raw_map_convs,
                 'calibration': self.calibration_info.get('calibration_digest'),
+                'selection': self.selection_digest,
                 'preprocessing': str(mm_cfg.test_dataloader.dataset.pipeline) if calibrated else None,
                 'versions': {'runtime': runtime.version(), 'torch': torch.__version__,
                              'onnx': onnx.__version__, 'onnxslim': onnxslim.__version__,
                              'build_format': BUILD_FORMAT}}
+
+    def _float_layer_search(self, model, mm_cfg, dataset, shape, calibration):
+        """precision.max_drop: the search over convs kept in float (integrations/int8_search.py), on the
+        selection set, checked disjoint from calibration and evaluation; None without a budget."""
+        from integrations.int8_search import SelectionSet, float_layer_search, selection_digest
+
+        budget = self.precision.get('max_drop')
+        if self.precision['name'] != 'int8' or budget is None:
+            return None
+        if self.runtime_cfg['name'] != 'onnx':
+            raise UserError(f"precision.max_drop: the search runs on runtime=onnx (runtime={self.runtime_cfg['name']}"
+                            ' has no verified way to keep chosen convs in float); remove the option')
+        if not budget > 0:
+            raise UserError(f'precision.max_drop={budget}: must be > 0 (mAP points)')
+        options = self.precision['selection']
+        if not options.get('img_dir') or not options.get('ann_file'):
+            raise UserError('precision.max_drop needs a selection set: add precision.selection.img_dir=DIR '
+                            'precision.selection.ann_file=FILE.json (COCO format, not the evaluated images)')
+        evaluated = [Path(dataset.get_data_info(i)['img_path']) for i in range(len(dataset))]
+        selection = SelectionSet(mm_cfg, model, self.family.build_decoder(model, shape), dataset.metainfo['classes'],
+                                 options['img_dir'], options['ann_file'], options.get('num_images'),
+                                 self.family.LABEL_SPACE, calibration.paths, evaluated)
+        self.selection_digest = selection_digest(selection.paths, options['ann_file'])
+        return float_layer_search(selection, budget)
 
     def _calibration(self, model, mm_cfg, dataset) -> tuple[CalibrationReader | None, dict]:
         """The calibration reader for int8: images drawn by seed, preprocessed as the test loop does."""
@@ -163,11 +206,11 @@ def _without_eval_settings(cfg):
 
 
 BUILD_REPORT = 'build.json'
-BUILD_FORMAT = 4  # bump when what build_artifacts writes changes
+BUILD_FORMAT = 5  # bump when what build_artifacts writes changes
 
 
 def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runtime, reference, calibration,
-                    keep_float, equalize, preprocessing) -> None:
+                    keep_float, equalize, preprocessing, select_float=None) -> None:
     """Export (checked against PyTorch) and build into `out_dir`, and describe it in build.json with paths
     relative to `out_dir`, so the directory can move (the cache renames it into place)."""
     onnx_path = out_dir / 'model.onnx'
@@ -193,7 +236,8 @@ def build_artifacts(model, family, shape, out_dir: Path, export_cfg: dict, runti
     start = time.perf_counter()
     print(f"building for runtime={runtime.name} precision={runtime.precision['name']}", file=sys.stderr, flush=True)
     artifact = runtime.build(onnx_path, out_dir, calibration=calibration, keep_float=keep_float,
-                             equalize=equalize, preprocessing=preprocessing, shape=shape)
+                             equalize=equalize, preprocessing=preprocessing, shape=shape,
+                             **({'select_float': select_float} if select_float else {}))
     built = {'device': {'file': _relative(artifact.path, out_dir), 'info': artifact.info}}
     files['runtime'] = built['device']['file']
     files.update(artifact.files)

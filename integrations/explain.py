@@ -66,7 +66,7 @@ def config_pipeline_pass(cfg: DictConfig, model, ann_file: Path):
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    import evaluators.metrics  # noqa: F401  (registers the streamed metrics)
+    import evaluators.metrics  # noqa: F401 -- registers the streamed metrics
     from integrations.mmengine.runner import build_model, load_model_config, streamed
     from integrations.models import get_family
 

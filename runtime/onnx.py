@@ -19,6 +19,7 @@ ENTROPY_BINS = 512
 # in memory (≈350 MB per 640x640 YOLOv5s image: 100 images at once ran this 24 GB machine out of memory) and merge
 # the histograms of successive calls; 16 keeps the default 13 images in one call
 CALIBRATION_CHUNK = 16
+FLOAT_REFERENCE = 'model_float_reference.onnx'
 
 
 def has_vnni() -> bool:
@@ -75,6 +76,80 @@ def nodes_matching(model, patterns: list[str]) -> list[str]:
                             '(give an ONNX node name or a module name such as neck.reduce_layers.2)')
         matched += [h for h in hits if h not in matched]
     return matched
+
+
+def layer_divergence(float_path: Path, int8_path: Path, batches) -> list[dict]:
+    """Per Conv of the float export, in execution order: how far the int8 model's values are from the float
+    model's on `batches` (a few preprocessed images), at the conv's input and at its output.
+
+    Both models run unoptimized, so the int8 model's QuantizeLinear/DequantizeLinear pairs act as written (QDQ:
+    the int8 arithmetic simulated in float, what onnxruntime's own qdq_loss_debug compares). SQNR is
+    10 log10(|float|² / |float - int8|²) over all the images (None where the values are exact); `added_noise`
+    (relative noise power at the output minus at the input) is what the layer itself adds, which ranks the
+    candidates for keeping in float."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def tapped(path: Path, tensors: list[str]) -> ort.InferenceSession:
+        model = onnx.load(str(path))
+        present = {o.name for o in model.graph.output}
+        model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                                  for t in dict.fromkeys(tensors) if t not in present)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(model.SerializeToString(), options, providers=['CPUExecutionProvider'])
+
+    float_graph, int8_graph = onnx.load(str(float_path)).graph, onnx.load(str(int8_path)).graph
+    float_producers = {o: n for n in float_graph.node for o in n.output}
+    producers = {o: n for n in int8_graph.node for o in n.output}
+    int8_convs = {n.name: n for n in int8_graph.node if n.op_type == 'Conv'}
+    layers = [(n, int8_convs[n.name]) for n in float_graph.node if n.op_type == 'Conv' and n.name in int8_convs]
+
+    def conv_input(conv, producers: dict) -> str:
+        """The conv's input in the export's layout: before a SpaceToDepth the int8 build put in front of it."""
+        tensor = conv.input[0]
+        for _ in range(3):
+            node = producers.get(tensor)
+            if node is None or node.op_type not in ('DequantizeLinear', 'QuantizeLinear', 'SpaceToDepth'):
+                break
+            if node.op_type == 'SpaceToDepth':
+                return node.input[0]
+            tensor = node.input[0]
+        return conv.input[0]
+
+    def inputs(f, q) -> tuple[str, str]:
+        return conv_input(f, float_producers), conv_input(q, producers)
+
+    if not layers:
+        raise UserError('precision.layers_report: the int8 model keeps no Conv of the export by name (it needs '
+                        'precision.format=qdq)')
+    sessions = (tapped(float_path, [t for f, q in layers for t in (inputs(f, q)[0], f.output[0])]),
+                tapped(int8_path, [t for f, q in layers for t in (inputs(f, q)[1], q.output[0])]))
+    sums = np.zeros((len(layers), 2, 3))  # per layer, input/output: |float|², |float - int8|², float . int8
+    norms = np.zeros((len(layers), 2))  # |int8|²
+    for batch in batches:
+        values = []
+        for session in sessions:
+            names = [o.name for o in session.get_outputs()]
+            values.append(dict(zip(names, session.run(None, {session.get_inputs()[0].name: batch}))))
+        for k, (f, q) in enumerate(layers):
+            for side, (a, b) in enumerate((inputs(f, q), (f.output[0], q.output[0]))):
+                x, y = values[0][a].astype(np.float64).ravel(), values[1][b].astype(np.float64).ravel()
+                sums[k, side] += ((x * x).sum(), ((x - y) ** 2).sum(), (x * y).sum())
+                norms[k, side] += (y * y).sum()
+    eps = np.finfo(np.float64).tiny
+    noise = sums[..., 1] / np.maximum(sums[..., 0], eps)  # relative noise power, 0 where exact
+    cosine = sums[..., 2] / np.maximum(np.sqrt(sums[..., 0] * norms), eps)
+
+    def decibels(value: float) -> float | None:
+        return None if value == 0 else round(float(-10 * np.log10(value)), 3)
+
+    return [{'node': f.name, 'module': module_path(f.name),
+             'quantized': producers.get(q.input[0]) is not None and producers[q.input[0]].op_type == 'DequantizeLinear',
+             'sqnr_db': decibels(noise[k, 1]), 'cosine': round(float(cosine[k, 1]), 6),
+             'input_sqnr_db': decibels(noise[k, 0]), 'added_noise': round(float(noise[k, 1] - noise[k, 0]), 6)}
+            for k, (f, q) in enumerate(layers)]
 
 
 def space_to_depth_convs(model) -> list[str]:
@@ -236,11 +311,12 @@ class Runtime:
         return {'int8_reduce_range': self.int8_reduce_range}
 
     def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float: list[str] = (),
-              equalize: list[str] = (), preprocessing=None, shape=None) -> Artifact:
+              equalize: list[str] = (), preprocessing=None, shape=None, select_float=None) -> Artifact:
         """The model file to run: the export itself (fp32), an fp16 copy, or a statically quantized copy, with
         the `keep_float` modules in float and the `equalize` convs' output channels scaled to one range (see
         equalize_output_channels). (`preprocessing` and `shape` are for runtimes that preprocess on the device;
-        ORT runs on the host's.)"""
+        ORT runs on the host's.) `select_float(quantize, float_model, excluded)` -> (node names, search report)
+        chooses more convs to keep in float, given `quantize(nodes, path)` that builds such an int8 model."""
         import onnx
 
         name = self.precision['name']
@@ -252,10 +328,11 @@ class Runtime:
             out = out_dir / 'model_fp16.onnx'
             onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(out))
             return Artifact(out, {'name': 'fp16', 'io': 'float32'})
-        return self._quantize(onnx_path, out_dir, calibration, list(keep_float), list(equalize))
+        return self._quantize(onnx_path, out_dir, calibration, list(keep_float), list(equalize), select_float,
+                              keep_reference=bool(self.precision.get('layers_report') or select_float))
 
     def _quantize(self, onnx_path: Path, out_dir: Path, calibration, keep_float: list[str],
-                  equalize: list[str]) -> Artifact:
+                  equalize: list[str], select_float=None, keep_reference: bool = False) -> Artifact:
         import onnx
         from onnxruntime.quantization import (
             CalibrationMethod,
@@ -296,20 +373,34 @@ class Runtime:
         save_tensors_data(tensor_ranges, ranges)
         excluded = nodes_matching(model, [*keep_float, *p['exclude']]) + rescales
         out = out_dir / 'model_int8.onnx'
-        quantize_static(
-            str(prepared), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges),
-            quant_format=QuantFormat.QDQ if p['format'] == 'qdq' else QuantFormat.QOperator,
-            per_channel=bool(p['per_channel']),
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=excluded,
-            reduce_range=self.int8_reduce_range,
-            extra_options={'ActivationSymmetric': symmetric, 'WeightSymmetric': True})
-        prepared.unlink()
-        folded = []
-        if rescales and opset >= 13:  # per-axis DequantizeLinear
-            quantized = onnx.load(str(out))
-            if folded := fold_rescales_into_dequantize(quantized, rescales):
-                onnx.save(quantized, str(out))
+
+        def quantize(extra: list[str], path: Path) -> list[str]:
+            """The int8 model with `extra` nodes also kept in float, at `path`; the rescales folded into it."""
+            quantize_static(
+                str(prepared), str(path), calibration_data_reader=None, calibration_cache_path=str(ranges),
+                quant_format=QuantFormat.QDQ if p['format'] == 'qdq' else QuantFormat.QOperator,
+                per_channel=bool(p['per_channel']),
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=[*excluded, *extra],
+                reduce_range=self.int8_reduce_range,
+                extra_options={'ActivationSymmetric': symmetric, 'WeightSymmetric': True})
+            folded = []
+            if rescales and opset >= 13:  # per-axis DequantizeLinear
+                quantized = onnx.load(str(path))
+                if folded := fold_rescales_into_dequantize(quantized, rescales):
+                    onnx.save(quantized, str(path))
+            return folded
+
+        chosen, search = [], None
+        if select_float is not None:  # precision.max_drop: the caller's search, over this build's convs
+            chosen, search = select_float(quantize, prepared, excluded)
+        folded = quantize(chosen, out)
+        files = {}
+        if keep_reference:  # the float model the int8 one is quantized from (exact rewrites), for layer reports
+            prepared.rename(out_dir / FLOAT_REFERENCE)
+            files['float_reference'] = FLOAT_REFERENCE
+        else:
+            prepared.unlink()
         return Artifact(out, {'name': 'int8', 'method': p['calibration']['method'],
                               'num_images': len(calibration.paths), 'calibration_ranges': ranges.name,
                               'excluded_nodes': excluded, 'equalized_convs': equalize,
@@ -317,7 +408,9 @@ class Runtime:
                               'per_channel': bool(p['per_channel']), 'format': p['format'],
                               'activation_symmetric': symmetric,
                               'percentile': float(p['calibration']['percentile']),
-                              'reduce_range': self.int8_reduce_range})
+                              'reduce_range': self.int8_reduce_range,
+                              'float_layers': [{'node': n, 'module': module_path(n)} for n in chosen],
+                              'search': search}, files=files)
 
     def _calibrate(self, model: Path, reader, method, symmetric: bool):
         """Activation ranges (TensorsData) from the calibration images, with onnxruntime's calibrators."""

@@ -51,6 +51,18 @@ fi
 log "installing inloop and its pinned dependencies"
 "${PIP[@]}" -e ".[test]"
 
+# eval.explain's report is checked in headless Chromium (tests/test_explain.py); Debian packages it
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium (Debian) for the report test"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+  else
+    log "chromium not found and not root: install it (apt-get install chromium) for tests/test_explain.py"
+  fi
+fi
+
 log "fetching offline assets (YOLOv5s weights, demo images)"
 "$PY" -m integrations.assets all
 log "done"

@@ -12,13 +12,15 @@ from integrations.sweep import collect, pareto_front, write_summary
 from tests.conftest import DEMO_IMAGES
 
 
-def _job(sweep, job, overrides, mAP, runtime_s, native=None, model='yolov5'):
+def _job(sweep, job, overrides, mAP, runtime_s, native=None, model='yolov5', ci=None):
     (sweep / job / '.hydra').mkdir(parents=True)
     (sweep / job / '.hydra' / 'overrides.yaml').write_text(''.join(f'- {o}\n' for o in overrides))
     results = {'device': {'bbox_mAP': mAP}, 'native': {'bbox_mAP': native} if native else None,
                'delta': {'device_minus_native': mAP - native if native else None, 'device_minus_reference': None},
                'num_images': 10, 'timings': {'images_per_s': 10 / runtime_s, 'runtime_s': runtime_s},
                'cache': 'hit', 'model': model}
+    if ci:
+        results['delta_ci95'] = ci
     (sweep / job / 'results.json').write_text(json.dumps(results))
 
 
@@ -38,6 +40,15 @@ def test_summary_files_and_pareto_front(tmp_path):
     assert [r['meets_99'] for r in table] == ['True', 'False', 'False'] and {r['meets_mlperf'] for r in table} == {''}
     assert (tmp_path / 'summary.md').read_text().count('\n') == 5
     assert (tmp_path / 'summary.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_summary_carries_the_explained_interval(tmp_path):
+    _job(tmp_path, '0', ['eval.explain=true'], 0.45, 1.0, native=0.46, ci=[-0.0213, 0.0012])
+    _job(tmp_path, '1', ['precision=fp16'], 0.46, 1.0, native=0.46)
+    write_summary(tmp_path)
+    with open(tmp_path / 'summary.csv') as f:
+        assert [r['delta_native_ci95'] for r in csv.DictReader(f)] == ['-0.0213 +0.0012', '']
+    assert '-0.0213 +0.0012' in (tmp_path / 'summary.md').read_text()
 
 
 def test_summary_marks_mlperfs_retinanet_target(tmp_path):

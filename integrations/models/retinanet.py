@@ -10,6 +10,7 @@ from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 
 OUTPUT_PREFIX = 'raw_map'
+LABEL_SPACE = 'openimages_mlperf'  # how labels index the annotation file's categories (the metric's rule)
 ANCHOR_BASES = (32, 64, 128, 256, 512)
 
 

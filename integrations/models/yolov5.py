@@ -4,6 +4,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 OUTPUT_PREFIX = 'raw_map'
+LABEL_SPACE = 'coco'  # how labels index the annotation file's categories (the metric's rule)
 
 
 def prepare_config(mm_cfg, eval_cfg) -> None:

@@ -1,0 +1,185 @@
+"""int8 that holds on images it was not tuned on: `precision.max_drop` keeps the fewest convs in float that bring
+the int8 model's drop against fp32, measured by the task's own mAP on a selection set kept apart from calibration
+and from the evaluated images, within the budget; `precision.layers_report` shows, conv by conv in execution
+order, where int8 leaves the float model.
+
+The search: the int8 model as configured is scored on the selection set; if it loses more than `max_drop` points,
+the modules of the quantized convs (mmcv's ConvModule: the conv and its activation) are ranked by the noise each
+conv adds itself (runtime.onnx.layer_divergence on a few selection images, a cheap proxy), and the k first are kept
+in float for k = 1, 2, 4, … until the budget holds, then k is bisected down to the smallest that holds. Every
+step's selection mAP and speed is reported. Only these modules are candidates: the ops between them (Concat,
+Resize, MaxPool of the neck) stay int8.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+
+from common.errors import UserError
+
+PROXY_IMAGES = 4  # selection images the ranking proxy runs on
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_disjoint(selection: list[Path], calibration: list[Path], evaluated: list[Path]) -> None:
+    """The selection images share no file (by path or by content) with the calibration or evaluated images:
+    choosing float layers on either would flatter the figures reported."""
+    def index(paths: list[Path]) -> tuple[set, dict]:
+        sizes: dict = {}
+        for path in paths:
+            sizes.setdefault(path.stat().st_size, []).append(path)
+        return {p.resolve() for p in paths}, sizes
+
+    for name, others in (('precision.calibration', calibration), ('the evaluated set (data.*)', evaluated)):
+        resolved, sizes = index(others)
+        for path in selection:
+            same_size = sizes.get(path.stat().st_size, [])
+            if path.resolve() in resolved or any(file_digest(path) == file_digest(o) for o in same_size):
+                raise UserError(f'precision.selection: {path.name} is also in {name}; the selection set must be '
+                                'disjoint from the calibration and the evaluated images (choose other images)')
+
+
+class SelectionSet:
+    """The selection images, preprocessed once as the evaluation preprocesses them, scored with the evaluation's
+    own decoder and COCO matching (evaluators/cocoeval.py)."""
+
+    def __init__(self, mm_cfg, model, decoder, classes, img_dir: str, ann_file: str, num_images: int | None,
+                 label_space: str, calibration: list[Path] = (), evaluated: list[Path] = ()):
+        import torch
+        from mmengine.dataset import pseudo_collate
+        from pycocotools.coco import COCO
+
+        from evaluators.cocoeval import StreamingCocoEval
+        from evaluators.preprocess import BatchPreprocessor
+        from integrations.app import check_dataset
+        from integrations.deploy import image_pipeline
+
+        coco_json = check_dataset(img_dir, ann_file)
+        images = coco_json['images'][:num_images or None]
+        self.paths = [Path(img_dir) / image['file_name'] for image in images]
+        check_disjoint(self.paths, list(calibration), list(evaluated))
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(ann_file)
+        # label i is category cat_ids[i], as the evaluation's metrics have it
+        cat_ids = sorted(coco.getCatIds()) if label_space == 'openimages_mlperf' else \
+            coco.getCatIds(catNms=list(classes))
+        self.stream = StreamingCocoEval(coco, cat_ids, (100, 300, 1000), img_ids=[im['id'] for im in images])
+        pipeline = image_pipeline(mm_cfg)
+        preprocessor = BatchPreprocessor(model.data_preprocessor)
+        self.items = []
+        for image, path in zip(images, self.paths):
+            data = pipeline(dict(img_path=str(path), img_id=image['id']))
+            with torch.no_grad():
+                batch = preprocessor(pseudo_collate([data]), False)
+            self.items.append((image['id'], batch['inputs'].numpy(), [s.metainfo for s in batch['data_samples']]))
+        self.decoder = decoder
+
+    def score(self, session) -> tuple[float, float]:
+        """(bbox mAP, images/s of the session's runs) on the selection set."""
+        import torch
+
+        records, runtime_s = [], 0.0
+        for img_id, inputs, metas in self.items:
+            start = time.perf_counter()
+            raw_maps = session.run(inputs)
+            runtime_s += time.perf_counter() - start
+            det = self.decoder([torch.from_numpy(m) for m in raw_maps], metas)[0]
+            records.append(self.stream.evaluate_image(img_id, det['bboxes'].numpy(), det['scores'].numpy(),
+                                                      det['labels'].numpy()))
+        stats = self.stream.summarize(self.stream.accumulate(self.stream.complete(records)), printout=False)
+        return float(stats[0]), len(self.items) / runtime_s
+
+
+def smallest_float_set(ranked: list[str], drop_of, max_drop: float) -> tuple[list[str], list[dict]]:
+    """The fewest of `ranked`'s first k kept in float with drop_of(first k) <= max_drop (in mAP points): k by
+    doubling, then bisected between the last k that failed and the first that held. `drop_of(nodes)` returns
+    (drop, step report); every step is reported in order. All of `ranked` if no k holds."""
+    steps, tried = [], {}
+
+    def holds(k: int) -> bool:
+        if k not in tried:
+            drop, report = drop_of(ranked[:k])
+            tried[k] = drop <= max_drop
+            steps.append({'float_layers': k, **report, 'within_budget': tried[k]})
+        return tried[k]
+
+    if holds(0):
+        return [], steps
+    low, k = 0, 1
+    while k < len(ranked) and not holds(k):
+        low, k = k, min(2 * k, len(ranked))
+    if k >= len(ranked) and not holds(len(ranked)):
+        return list(ranked), steps
+    high = k
+    while high - low > 1:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle
+    return ranked[:high], steps
+
+
+def float_layer_search(selection: SelectionSet, max_drop: float):
+    """`select_float` for runtime.onnx: the search on `selection`, against the selection mAP of the float model
+    the int8 one is quantized from (the export with exact rewrites)."""
+    from runtime.onnx import OrtSession, layer_divergence, module_path
+
+    def select(quantize, float_model: Path, excluded: list[str]):
+        import onnx
+
+        start = time.perf_counter()
+        reference_map, reference_speed = selection.score(OrtSession(float_model))
+        names = [n.name for n in onnx.load(str(float_model)).graph.node]
+        with tempfile.TemporaryDirectory(prefix='inloop-search-') as tmp:
+            def nodes_of(modules: list[str]) -> list[str]:
+                return [n for n in names if any(f'{module_path(n)}.'.startswith(f'{m}.') for m in modules)
+                        and n not in excluded]
+
+            def drop_of(modules: list[str]) -> tuple[float, dict]:
+                path = Path(tmp) / f'int8_{len(modules)}.onnx'
+                quantize(nodes_of(modules), path)
+                mAP, speed = selection.score(OrtSession(path))
+                drop = 100 * (reference_map - mAP)
+                return drop, {'selection_mAP': round(mAP, 6), 'drop_points': round(drop, 4),
+                              'images_per_s': round(speed, 3), 'modules': list(modules)}
+
+            drop0, first = drop_of([])
+            ranked: list[str] = []
+            if drop0 > max_drop:
+                divergence = layer_divergence(float_model, Path(tmp) / 'int8_0.onnx',
+                                              [inputs for _, inputs, _ in selection.items[:PROXY_IMAGES]])
+                ranked = [conv_module(row['module']) for row in sorted(divergence, key=lambda r: -r['added_noise'])
+                          if row['quantized'] and row['node'] not in excluded]
+            chosen, steps = smallest_float_set(ranked, lambda modules: drop_of(modules) if modules else (drop0, first),
+                                               max_drop)
+        return nodes_of(chosen), {
+            'max_drop': max_drop, 'selection_images': len(selection.items),
+            'fp32_selection_mAP': round(reference_map, 6), 'fp32_images_per_s': round(reference_speed, 3),
+            'ranked_by': 'added_noise of the module\'s conv', 'float_modules': chosen, 'steps': steps,
+            'met': any(step['within_budget'] for step in steps), 'seconds': round(time.perf_counter() - start, 1)}
+
+    return select
+
+
+def conv_module(conv: str) -> str:
+    """The module a conv is kept in float with: mmcv's ConvModule (`….conv1` for `….conv1.conv`), so its
+    activation goes with it; a bare conv (a head's prediction conv) alone."""
+    return conv.removesuffix('.conv') if conv.endswith('.conv') else conv
+
+
+def selection_digest(paths: list[Path], ann_file: str) -> str:
+    """Content digest of the selection set (images and annotations), for the cache key."""
+    h = hashlib.sha256(Path(ann_file).read_bytes())
+    for path in paths:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
