@@ -459,3 +459,15 @@ def test_mlperf_loadgen_drives_the_card(vsx, assets, demo_subset_data, tmp_path)
                              'eval.compare_native=false', *demo_subset_data), tmp_path / 'mlperf')
     assert mlperf['mlperf']['accuracy']['bbox_mAP'] == pytest.approx(evaluated['device']['bbox_mAP'], abs=2e-3)
     assert len(vsx.calls('run_sync')) >= 3
+
+
+def test_explain_on_the_card_names_its_one_device_stage(vsx, assets, demo_subset_data, tmp_path):
+    """eval.explain with runtime=vacc: the card's VDSP preprocessing, numerics and fp16 are one stage, said so;
+    the breakdown still ends at the reported device mAP."""
+    result = run(compose_cfg('runtime=vacc', 'precision=fp16', *demo_subset_data, 'eval.explain=true',
+                             'explain.resamples=50', 'explain.images=1'), tmp_path / 'vacc')
+    assert [e['stage'] for e in result['breakdown']] == ['native_config', 'export_shape', 'device']
+    assert round(result['breakdown'][-1]['bbox_mAP'], 3) == result['device']['bbox_mAP']
+    skipped = {s['stage']: s['why'] for s in result['explain']['skipped']}
+    assert 'runtime=vacc' in skipped['device_preprocessing']
+    assert Path(result['artifacts']['report']).is_file()
