@@ -7,6 +7,8 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from evaluators.cocoeval import Stacked, StreamingCocoEval, resample_weights, weighted_map
 
@@ -46,22 +48,10 @@ def breakdown(stages: list[tuple[str, str]], point: np.ndarray, resampled: np.nd
     return entries
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of xyxy boxes."""
-    if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
-
-
 def match(native: dict, device: dict, iou_thr: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Greedy one-to-one matching, native detections by decreasing score, each to the unmatched device detection
     of the same class with the highest IoU >= iou_thr: (pairs (native, device), lost native, new device)."""
-    iou = box_iou(native['bboxes'], device['bboxes'])
+    iou = box_iou(torch.from_numpy(native['bboxes']), torch.from_numpy(device['bboxes'])).numpy()
     same = native['labels'][:, None] == device['labels'][None]
     iou = np.where(same & (iou >= iou_thr), iou, -1.0)
     pairs, taken = [], np.zeros(len(device['bboxes']), bool)

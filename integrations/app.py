@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import UserError, check_at_least
 from common.files import write_json_atomic, write_text_atomic
 from integrations.config import plain
+from integrations.explain import check as check_explain, explain, reference_precision
 
 OPSETS = (11, 20)
 
@@ -151,8 +152,6 @@ def check_mlperf(options: DictConfig) -> None:
 
 def check_inputs(cfg: DictConfig) -> int:
     """Ranges and rules across options (Hydra has checked every type), then the data: the number of images."""
-    from integrations.explain import check as check_explain
-
     check_eval(cfg.eval)
     check_explain(cfg)
     if not OPSETS[0] <= cfg.export.opset <= OPSETS[1]:
@@ -274,8 +273,6 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
     for kind in ('txt', 'pred_json'):  # eval.save_txt: the folders and files per path
         if outcome.get('outputs'):
             artifacts[kind] = {path: files[kind] for path, files in outcome['outputs'].items()}
-    from integrations.explain import reference_precision
-
     device, native, reference = (_metric_block(metrics, p) for p in ('device', 'native', 'reference'))
     results = {
         'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
@@ -299,11 +296,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
         'artifacts': artifacts, 'io': report['io'], 'runtime_version': report['runtime_version'],
     }
     if cfg.eval.explain:
-        from integrations.explain import explain
-        from integrations.mmengine.runner import evaluated_annotations
-
-        ann_file = evaluated_annotations(Path(cfg.data.ann_file), cfg.eval.get('num_images'), output_dir)
-        block = explain(cfg, outcome, output_dir, ann_file)
+        block = explain(cfg, outcome, output_dir, Path(outcome['ann_file']))  # the file the loop evaluated
         results['artifacts'].update(block.pop('artifacts'))
         results.update(block)
     if outcome.get('rank', 0) == 0:  # distributed: every rank has the gathered metrics, one writes them

@@ -89,8 +89,8 @@ class DeviceBuild:
         layers = None
         if self.precision['name'] == 'int8' and self.precision.get('layers_report'):
             layers = self._layers_report(entry, built, model, mm_cfg, dataset)
-        return {'layers_report': layers,'input_shape': [*shape], 'io': built['io'], 'export_check': built['export_check'],
-                'build_dir': str(entry), 'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
+        return {'layers_report': layers, 'input_shape': [*shape], 'io': built['io'],
+                'export_check': built['export_check'], 'build_dir': str(entry), 'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
                 'precision': {**built['device']['info'], **self.calibration_info},
                 'runtime_version': runtime.version()}
 

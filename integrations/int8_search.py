@@ -38,11 +38,18 @@ def check_disjoint(selection: list[Path], calibration: list[Path], evaluated: li
             sizes.setdefault(path.stat().st_size, []).append(path)
         return {p.resolve() for p in paths}, sizes
 
+    digests: dict = {}
+
+    def digest_of(path: Path) -> str:  # only files of equal size are hashed, each once
+        if path not in digests:
+            digests[path] = file_digest(path)
+        return digests[path]
+
     for name, others in (('precision.calibration', calibration), ('the evaluated set (data.*)', evaluated)):
         resolved, sizes = index(others)
         for path in selection:
             same_size = sizes.get(path.stat().st_size, [])
-            if path.resolve() in resolved or any(file_digest(path) == file_digest(o) for o in same_size):
+            if path.resolve() in resolved or any(digest_of(path) == digest_of(o) for o in same_size):
                 raise UserError(f'precision.selection: {path.name} is also in {name}; the selection set must be '
                                 'disjoint from the calibration and the evaluated images (choose other images)')
 
@@ -66,8 +73,10 @@ class SelectionSet:
         images = coco_json['images'][:num_images or None]
         self.paths = [Path(img_dir) / image['file_name'] for image in images]
         check_disjoint(self.paths, list(calibration), list(evaluated))
+        coco = COCO()  # from the file check_dataset has read and checked
+        coco.dataset = coco_json
         with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(ann_file)
+            coco.createIndex()
         # label i is category cat_ids[i], as the evaluation's metrics have it
         cat_ids = sorted(coco.getCatIds()) if label_space == 'openimages_mlperf' else \
             coco.getCatIds(catNms=list(classes))

@@ -53,4 +53,5 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     timings = export.report['timings']
     eval_s = time.perf_counter() - start - timings['export_s'] - timings['build_s']
     return {'metrics': evaluation.metrics, 'report': export.report, 'eval_s': eval_s, 'rank': trainer.global_rank,
-            'outputs': evaluation.evaluator.outputs, 'evaluator': evaluation.evaluator, 'model': detector}
+            'outputs': evaluation.evaluator.outputs, 'evaluator': evaluation.evaluator, 'model': detector,
+            'ann_file': mm_cfg.test_dataloader.dataset.ann_file}

@@ -213,4 +213,4 @@ def test(cfg: DictConfig, output_dir: Path, export_dir: Path) -> dict:
     metrics, eval_s = run_test(runner)
     return {'metrics': metrics, 'report': export_hook(runner).report, 'eval_s': eval_s, 'rank': get_rank(),
             'outputs': runner.test_loop.evaluator.outputs, 'evaluator': runner.test_loop.evaluator,
-            'model': runner.model}
+            'model': runner.model, 'ann_file': runner.cfg.test_dataloader.dataset.ann_file}
