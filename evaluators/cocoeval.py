@@ -240,12 +240,7 @@ def resample_weights(num_images: int, resamples: int, seed: int) -> np.ndarray:
 def weighted_map(stacked: Stacked, weights: np.ndarray, rec_thrs: np.ndarray, thresholds: int, max_det: int,
                  area: int = 0, chunk: int = 64) -> np.ndarray:
     """bbox mAP (COCOeval's stats[0]: IoU 0.50:0.95, area range `area`, `max_det`) of each weighting of the images
-    (B, I), equal to COCOeval on the resampled set with each image repeated as often as its weight (tested).
-
-    A repeated image adds its copies' detections right after its own among equal scores, so a detection of weight w
-    counts w times at its place in the curve; the extra points this leaves out change neither the precision
-    envelope nor the point a recall threshold picks. Only detections of one image and category with exactly the
-    same score (a tie run) interleave their copies, so a category with such runs is expanded per resample."""
+    (B, I), equal to COCOeval on the resampled set with each image repeated as often as its weight (tested)."""
     per_category = []
     for k in np.flatnonzero(stacked.present):
         order = stacked.sorted_detections(k, max_det)
@@ -263,11 +258,7 @@ def weighted_map(stacked: Stacked, weights: np.ndarray, rec_thrs: np.ndarray, th
             w = weights[start:start + chunk].astype(np.int64)
             npig = w @ npig_images
             valid = (w @ stacked.present_in[:, k] > 0) & (npig > 0)
-            if len(run_start) == len(order):  # no tie runs: weighted counts
-                values = _weighted_ap(w[:, images], tps, fps, npig, rec_thrs)
-            else:
-                values = np.array([_expanded_ap(run_start, len(order), wb[images[run_start]], tps, fps, n, rec_thrs)
-                                   for wb, n in zip(w, npig)])
+            values = _weighted_ap(w[:, images[run_start]], run_start, tps, fps, npig, rec_thrs)
             ap[start:start + chunk] = np.where(valid, values, np.nan)
         per_category.append(ap)
     if not per_category:
@@ -277,28 +268,19 @@ def weighted_map(stacked: Stacked, weights: np.ndarray, rec_thrs: np.ndarray, th
     return np.where(counted.any(0), np.nansum(values, 0) / np.maximum(counted.sum(0), 1), -1.0)
 
 
-def _expanded_ap(run_start, size, run_weight, tps, fps, npig, rec_thrs) -> float:
-    """AP of one category for one weighting, each tie run repeated as a block as often as its image's weight."""
-    if npig == 0:
-        return np.nan
-    run_length = np.diff(np.r_[run_start, size])
-    expanded = run_length * run_weight
-    runs = np.repeat(np.arange(len(run_start)), expanded)
-    offset = np.arange(len(runs)) - np.repeat(np.cumsum(expanded) - expanded, expanded)
-    positions = run_start[runs] + offset % run_length[runs]
-    q, _ = curves(tps[:, positions], fps[:, positions], npig, rec_thrs)
-    return float(q.mean())
+def _weighted_ap(run_weight: np.ndarray, run_start: np.ndarray, tps: np.ndarray, fps: np.ndarray, npig: np.ndarray,
+                 rec_thrs: np.ndarray) -> np.ndarray:
+    """AP of one category for each weighting: run_weight (B, N) the weight of each run's image, where a run is a
+    stretch of one image's detections with the same score starting at run_start (N,); tps/fps (T, D); npig (B,).
 
-
-def _weighted_ap(w: np.ndarray, tps: np.ndarray, fps: np.ndarray, npig: np.ndarray, rec_thrs: np.ndarray):
-    """AP of one category for each weighting: w (B, D) detection weights, tps/fps (T, D), npig (B,).
-
+    An image repeated w times puts its copies right after it among equal scores, so a run comes w times as a block.
     Only true positives matter: the point a recall threshold r picks, the first with recall >= r, is where the
     true-positive count first reaches J(r) = min{j : j / npig >= r} (the float division COCOeval does), and the
-    precision envelope is the highest precision at or after it, which is reached at a true positive. So each
-    threshold's curve is evaluated at its true positives only, with the false positives before each counted
-    from the running total of weights."""
-    B, D = w.shape
+    precision envelope is the highest precision at or after it, which is reached at a true positive. A run of one
+    detection is then one point, its last copy (the copies before it have the same envelope); a run of several
+    interleaves its copies, so each of its true positives is a point per copy 1..max weight, and a copy its image
+    does not have takes precision 0 and the run's final count, which changes neither envelope nor lookup."""
+    B, D = len(run_weight), tps.shape[1]
     R = len(rec_thrs)
     if D == 0:
         return np.zeros(B)
@@ -306,19 +288,34 @@ def _weighted_ap(w: np.ndarray, tps: np.ndarray, fps: np.ndarray, npig: np.ndarr
     j = np.ceil(rec_thrs[None] * n)
     j = np.where((j - 1) / n >= rec_thrs[None], j - 1, j)
     j = np.where(j / n >= rec_thrs[None], j, j + 1).astype(np.int64)  # (B, R)
-    total = np.cumsum(w, axis=1)  # weight of every detection up to each position
+    run_length = np.diff(np.r_[run_start, D])
+    run_of = np.repeat(np.arange(len(run_start)), run_length)
+    copies = np.arange(1, int(run_weight.max(initial=0)) + 1)
     ap = np.zeros(B)
-    for tp_t, fp_t in zip(tps.astype(bool), fps.astype(bool)):
-        special = np.flatnonzero(tp_t | ~fp_t)  # true positives and ignored detections: the non-false-positives
-        hits = np.flatnonzero(tp_t[special])
+    for tp_t, fp_t in zip(tps, fps):
+        hits = np.flatnonzero(tp_t)
         if len(hits) == 0:
             continue  # no true positive: precision 0 at every recall threshold
-        ws = w[:, special]
-        tp_sum = np.cumsum(ws * tp_t[special], axis=1)[:, hits]
-        fp_sum = total[:, special[hits]] - np.cumsum(ws, axis=1)[:, hits]
-        pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+        run_tp, run_fp = np.add.reduceat(tp_t, run_start), np.add.reduceat(fp_t, run_start)
+        base_tp = np.cumsum(run_weight * run_tp, axis=1) - run_weight * run_tp  # (B, N) counts before each run
+        base_fp = np.cumsum(run_weight * run_fp, axis=1) - run_weight * run_fp
+        tp_in_run = np.cumsum(tp_t) - np.repeat(np.cumsum(run_tp) - run_tp, run_length)  # up to each detection
+        fp_in_run = np.cumsum(fp_t) - np.repeat(np.cumsum(run_fp) - run_fp, run_length)
+        tied = run_length[run_of[hits]] > 1
+        column = np.r_[hits[~tied], np.repeat(hits[tied], len(copies))]  # the true positive of each point
+        copy = np.r_[np.zeros(np.count_nonzero(~tied), np.int64), np.tile(copies, np.count_nonzero(tied))]
+        arranged = np.lexsort((column, copy, run_of[column]))  # the expanded set's order: run, copy, detection
+        column, copy = column[arranged], copy[arranged]
+        run = run_of[column]
+        weight = run_weight[:, run]  # (B, H)
+        copy = np.where(copy == 0, weight, copy)  # a run of one: its last copy
+        present = (copy <= weight) & (weight > 0)
+        tp_sum = base_tp[:, run] + np.where(present, (copy - 1) * run_tp[run] + tp_in_run[column],
+                                            weight * run_tp[run])
+        fp_sum = base_fp[:, run] + (copy - 1) * run_fp[run] + fp_in_run[column]
+        pr = np.where(present, tp_sum / (fp_sum + tp_sum + np.spacing(1)), 0.0)
         pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-        H = len(hits)
+        H = len(column)
         span = int(tp_sum[:, -1].max()) + int(j.max()) + 2
         rows = np.arange(B, dtype=np.int64)[:, None] * span
         found = np.searchsorted((tp_sum + rows).ravel(), (j + rows).ravel(), side='left').reshape(B, R)

@@ -44,12 +44,14 @@ class DeviceBuild:
         cache_dir: artifact cache directory; None (default) builds into `out_dir` every time.
         own_decode: {'model', 'default_scope'} of the config with its own post-processing settings (eval.explain
             when eval overrides them): the evaluator also decodes the native raw maps with them.
+        preprocessing_stage: a runtime that preprocesses on the device also runs its preprocessing alone, with the
+            fp32 export on the host (eval.explain's device_preprocessing stage, path `device_preprocessing`).
     """
 
     def __init__(self, family: str = 'yolov5', out_dir: str = 'export', runtime: dict | None = None,
                  precision: dict | None = None, reference: str | None = None, opset: int = 13,
                  simplify: bool = True, torchscript: bool = False, compare_native: bool = True,
-                 cache_dir: str | None = None, own_decode: dict | None = None):
+                 cache_dir: str | None = None, own_decode: dict | None = None, preprocessing_stage: bool = False):
         self.family_name = family
         self.family = get_family(family)
         self.out_dir = Path(out_dir)
@@ -62,13 +64,17 @@ class DeviceBuild:
         self.calibration_info: dict = {}
         self.selection_digest: str | None = None
         self.own_decode = own_decode
+        self.preprocessing_stage = preprocessing_stage
 
     def prepare(self, model, mm_cfg, dataset, evaluator) -> dict:
         """Build (or reuse), load the sessions, attach them to `evaluator`; returns the report for results.json.
         `model` is the plain detector (not a distributed wrapper) with the tested weights loaded."""
         entry, built, cache_state, runtime, reference = self.build(model, mm_cfg, dataset)
         timings = built['timings'] if cache_state != 'hit' else {'export_s': 0.0, 'build_s': 0.0}
-        sessions = {'device': runtime.load(Artifact(entry / built['device']['file'], built['device']['info'], entry))}
+        artifact = Artifact(entry / built['device']['file'], built['device']['info'], entry)
+        sessions = {'device': runtime.load(artifact)}
+        if self.preprocessing_stage and hasattr(runtime, 'load_preprocessing'):
+            sessions['device_preprocessing'] = runtime.load_preprocessing(artifact, entry / built['files']['onnx'])
         if reference:
             sessions['reference'] = reference.load(Artifact(entry / built['reference']['file'], root=entry))
         shape = self.family.input_shape(mm_cfg)
@@ -90,7 +96,8 @@ class DeviceBuild:
         if self.precision['name'] == 'int8' and self.precision.get('layers_report'):
             layers = self._layers_report(entry, built, model, mm_cfg, dataset)
         return {'layers_report': layers, 'input_shape': [*shape], 'io': built['io'],
-                'export_check': built['export_check'], 'build_dir': str(entry), 'artifacts': artifacts, 'timings': timings, 'cache': cache_state,
+                'export_check': built['export_check'], 'build_dir': str(entry), 'artifacts': artifacts,
+                'timings': timings, 'cache': cache_state,
                 'precision': {**built['device']['info'], **self.calibration_info},
                 'runtime_version': runtime.version()}
 
@@ -164,9 +171,9 @@ class DeviceBuild:
         budget = self.precision.get('max_drop')
         if self.precision['name'] != 'int8' or budget is None:
             return None
-        if self.runtime_cfg['name'] != 'onnx':
-            raise UserError(f"precision.max_drop: the search runs on runtime=onnx (runtime={self.runtime_cfg['name']}"
-                            ' has no verified way to keep chosen convs in float); remove the option')
+        if self.runtime_cfg['name'] not in ('onnx', 'vacc'):
+            raise UserError(f"precision.max_drop: the search runs on runtime=onnx or vacc, not "
+                            f"{self.runtime_cfg['name']}; remove the option")
         if not budget > 0:
             raise UserError(f'precision.max_drop={budget}: must be > 0 (mAP points)')
         options = self.precision['selection']

@@ -5,9 +5,11 @@ The stages, each changing one thing from the one before (a stage that does not a
 native under its config's own test pipeline (YOLOv5: rectangular `batch_shapes_cfg`) -> native at the fixed export
 shape -> native with the deployed post-processing settings (`eval.score_thr`, `eval.multi_label`, …: the native
 model's raw maps decoded a second time, no extra forward) -> the runtime at fp32 (numerics) -> the runtime at the
-target precision, which is the device as reported. Every stage but the first comes out of the one evaluation
-loop; the first is one more native pass over the images with the config's own pipeline. Intervals are paired
-bootstraps over images, re-accumulated from each stage's COCOeval records (evaluators/explain.py).
+target precision, which is the device as reported. A runtime that preprocesses on the device (VACC) has instead
+-> its preprocessing alone (the VDSP op's output read back and run by ONNX Runtime fp32 on the host) -> the device.
+Every stage but the first comes out of the one evaluation loop; the first is one more native pass over the images
+with the config's own pipeline. Intervals are paired bootstraps over images, re-accumulated from each stage's
+COCOeval records (evaluators/explain.py).
 """
 from __future__ import annotations
 
@@ -136,10 +138,12 @@ def explain(cfg: DictConfig, outcome: dict, output_dir: Path, ann_file: Path) ->
     else:
         stage('export_shape', 'native at the export shape', evaluator.metrics[0])
         skipped.append({'stage': 'decode', 'why': "the deployed post-processing settings are the model's own"})
-    if cfg.runtime.name == 'vacc':
-        skipped.append({'stage': 'device_preprocessing', 'why': 'runtime=vacc preprocesses on the card and runs '
-                        'fp16/int8 only: its preprocessing, numerics and precision are one stage'})
-        stage('device', f'{device_name} (VDSP preprocessing, numerics and precision)', device_metric)
+    if 'device_preprocessing' in evaluator.paths:  # the runtime preprocesses on the device (VACC's VDSP op)
+        stage('device_preprocessing', f"{cfg.runtime.name}'s own preprocessing (its output read back), onnx fp32 on "
+              'the host', evaluator.paths['device_preprocessing'][1].metrics[0])
+        skipped.append({'stage': 'numerics', 'why': f'runtime={cfg.runtime.name} runs {cfg.precision.name} only: '
+                        'its numerics and precision are one stage'})
+        stage('device', f'{device_name} (the device\'s numerics and precision)', device_metric)
     else:
         skipped.append({'stage': 'device_preprocessing',
                         'why': f'runtime={cfg.runtime.name} takes the host-preprocessed tensor'})

@@ -138,8 +138,8 @@ def smallest_float_set(ranked: list[str], drop_of, max_drop: float) -> tuple[lis
 
 
 def float_layer_search(selection: SelectionSet, max_drop: float):
-    """`select_float` for runtime.onnx: the search on `selection`, against the selection mAP of the float model
-    the int8 one is quantized from (the export with exact rewrites)."""
+    """`select_float` for runtime.onnx (and runtime=vacc's proxy): the search on `selection`, against the
+    selection mAP of the float model the int8 one is quantized from (the export with exact rewrites)."""
     from runtime.onnx import OrtSession, layer_divergence, module_path
 
     def select(quantize, float_model: Path, excluded: list[str]):

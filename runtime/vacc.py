@@ -35,6 +35,7 @@ SDK_HINT = ("install VastAI's vaststreamx SDK (v2.8+, a Python 3.8 wheel) on a m
             'directory to such a machine')
 COMPILER_HINT = ("install VastAI's vamc (v3.0+), put it on PATH or set runtime.compiler=PATH, or give an already "
                  'compiled model with runtime.model_prefix=deploy_weights/<name>/mod')
+FLOAT_LAYERS = 'float_layers.json'  # precision.max_drop's choice beside vamc.yaml
 PROBE = 'import sys, numpy, vaststreamx; print(sys.version.split()[0], getattr(vaststreamx, "__version__", "unknown"))'
 _probed: dict[tuple, str] = {}  # (interpreter, PYTHONPATH) -> what it reported
 
@@ -201,10 +202,11 @@ class Runtime:
         return config
 
     def build(self, onnx_path: Path, out_dir: Path, calibration=None, keep_float=(), equalize=(),
-              preprocessing=None, shape=None) -> Artifact:
+              preprocessing=None, shape=None, select_float=None) -> Artifact:
         """Write vamc.yaml and vdsp_params.json beside the export (int8: with a copy of the calibration images,
         as JPEG), then compile unless told not to or given a compiled model. `keep_float` and `equalize` are
-        not applied: the vamc build config has no verified key for them."""
+        not applied: the vamc build config has no verified key for them. `select_float` (precision.max_drop)
+        runs on ONNX Runtime as a proxy and its choice is written beside vamc.yaml, not applied."""
         import yaml
 
         if preprocessing is None or shape is None:
@@ -229,6 +231,9 @@ class Runtime:
             info.update(method=self.precision['calibration']['method'], num_images=len(calibration.paths),
                         per_channel=bool(self.precision['per_channel']))
         files = {'vamc_yaml': 'vamc.yaml', 'vdsp_params': 'vdsp_params.json'}
+        if select_float is not None:
+            info.update(self._float_layer_proxy(onnx_path, out_dir, calibration, select_float))
+            files['float_layers'] = FLOAT_LAYERS
         if self.model_prefix:
             return Artifact(Path(self.model_prefix).resolve(), {**info, 'compiled': 'given'}, files=files)
         prefix = out_dir / 'deploy_weights' / config['name'] / 'mod'
@@ -251,13 +256,52 @@ class Runtime:
             raise UserError(f'runtime=vacc: `{self.compiler} compile {out_dir / "vamc.yaml"}` failed '
                             f'(exit {process.returncode}): {tail[-1] if tail else "no output"}')
 
+    def _float_layer_proxy(self, onnx_path: Path, out_dir: Path, calibration, select_float) -> dict:
+        """The search on ONNX Runtime's int8 build of the same export and calibration images (a proxy: vamc
+        quantizes by its own code), written to float_layers.json beside vamc.yaml with each conv's index among the
+        export's Conv nodes in graph order (the other nodes of a chosen module have none). Not applied: that vamc's `quantize.skip_conv_layers` takes those
+        indices is a guess from its name, verified against nothing."""
+        import onnx
+
+        from runtime.onnx import Runtime as OnnxRuntime
+
+        try:  # space-to-depth regrouping is ONNX Runtime's own rewrite: off, so the convs are the export's
+            onnx_runtime = OnnxRuntime(self.precision, int8_space_to_depth=False)
+        except UserError as err:
+            raise UserError(f'precision.max_drop with runtime=vacc searches on ONNX Runtime: {err}') from None
+        proxy_dir = out_dir / 'onnx_int8_proxy'
+        proxy_dir.mkdir()
+        proxy = onnx_runtime.build(onnx_path, proxy_dir, calibration, select_float=select_float)
+        shutil.rmtree(proxy_dir)
+        convs = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type == 'Conv']
+        layers = [{**layer, 'conv_index': convs.index(layer['node']) if layer['node'] in convs else None}
+                  for layer in proxy.info['float_layers']]
+        report = {'applied': False, 'chosen_on': 'onnxruntime int8 (proxy)',
+                  'why': 'vamc quantize.skip_conv_layers is assumed to take conv indices; not verified',
+                  'conv_indices': [layer['conv_index'] for layer in layers if layer['conv_index'] is not None],
+                  'float_layers': layers, 'search': proxy.info['search']}
+        write_json(out_dir / FLOAT_LAYERS, report)
+        return {'float_layers': layers, 'float_layers_applied': False, 'search': proxy.info['search']}
+
     def load(self, artifact: Artifact) -> VaccSession:
         if artifact.info.get('compiled') == 'not yet':
             raise UserError('runtime.compile=false: nothing compiled to run; compile with vamc first')
+        return self._session(artifact, str(artifact.path), artifact.info['output_shapes'], 'stream')
+
+    def load_preprocessing(self, artifact: Artifact, onnx_path: Path) -> DevicePreprocessingSession:
+        """The card's VDSP op alone, its output read back and run by ONNX Runtime fp32 on the host: the device's
+        preprocessing and nothing else of the device (eval.explain's device_preprocessing stage)."""
+        from runtime.onnx import OrtSession
+
+        preprocessing = artifact.info['preprocessing']
+        shape = [3, preprocessing['height'], preprocessing['width']]
+        return DevicePreprocessingSession(self._session(artifact, None, [shape], 'preprocess'), OrtSession(onnx_path))
+
+    def _session(self, artifact: Artifact, prefix: str | None, output_shapes: list, mode: str) -> VaccSession:
         device_id = self.device_id + int(os.environ.get('LOCAL_RANK', '0'))
-        return VaccSession(str(artifact.path), str(artifact.root / artifact.info['vdsp_params']), device_id,
-                           self.batch_size, artifact.info['output_shapes'], artifact.info['preprocessing'],
-                           even_size=bool(artifact.info.get('even_size', True)), python=self.python)
+        return VaccSession(prefix, str(artifact.root / artifact.info['vdsp_params']), device_id, self.batch_size,
+                           output_shapes, artifact.info['preprocessing'],
+                           even_size=bool(artifact.info.get('even_size', True)), python=self.python, mode=mode)
 
 
 class SharedBuffer:
@@ -363,12 +407,13 @@ class VaccSession:
     """A vaststreamx stream (VDSP op -> model) in the device worker, taking image files: `run_paths(paths)` ->
     raw maps (float32), at most `batch_size` images per run_sync. The host reads each image (cv2, RGB planar; an
     odd side resized to even with `even_size`, as VastAI's scripts do) and `device_metas` gives the decode the
-    geometry the VDSP op applied, so boxes land in original pixels."""
+    geometry the VDSP op applied, so boxes land in original pixels. `mode='preprocess'`: the VDSP op alone, no
+    model (`prefix` None); its output tensor is the one "map"."""
 
     reads = 'paths'
 
-    def __init__(self, prefix: str, vdsp_json: str, device_id: int, batch_size: int, output_shapes: list,
-                 preprocessing: dict, even_size: bool = True, python: str | None = None):
+    def __init__(self, prefix: str | None, vdsp_json: str, device_id: int, batch_size: int, output_shapes: list,
+                 preprocessing: dict, even_size: bool = True, python: str | None = None, mode: str = 'stream'):
         self.output_shapes = [tuple(s) for s in output_shapes]
         self.sizes = [int(np.prod(s)) for s in self.output_shapes]
         self.batch_size = batch_size
@@ -379,7 +424,7 @@ class VaccSession:
         self.transfer_s = 0.0  # seconds the worker adds around them: placing images, messages, maps copied out
         self.images = 0
         self.worker = DeviceWorker(python, {'prefix': prefix, 'vdsp_params': vdsp_json, 'device_id': device_id,
-                                            'batch_size': batch_size, 'output_shapes': output_shapes},
+                                            'batch_size': batch_size, 'output_shapes': output_shapes, 'mode': mode},
                                    output_size=batch_size * sum(self.sizes) * 4)
 
     def run_paths(self, paths: list[str]) -> list[np.ndarray]:
@@ -417,6 +462,28 @@ class VaccSession:
 
     def close(self) -> None:
         self.worker.close()
+
+
+class DevicePreprocessingSession:
+    """Image files -> raw maps through the card's VDSP op (a VaccSession in preprocess mode: the op's output
+    tensor read back) and ONNX Runtime fp32 on the host. Assumed, not verified on a card: the op writes the plain
+    (3, H, W) float16 tensor it is asked for (VastStreamX-Samples read a NORM_TENSOR op's output in a tiled
+    layout for one model, yolo_world_image.py)."""
+
+    reads = 'paths'
+
+    def __init__(self, device: VaccSession, host):
+        self.device, self.host = device, host
+
+    def run_paths(self, paths: list[str]) -> list[np.ndarray]:
+        (tensors,) = self.device.run_paths(paths)
+        return self.host.run(tensors)
+
+    def device_metas(self, metas: list[dict]) -> list[dict]:
+        return self.device.device_metas(metas)
+
+    def close(self) -> None:
+        self.device.close()
 
 
 def output_shapes(onnx_path: Path) -> list[list[int]]:

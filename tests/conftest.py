@@ -71,6 +71,17 @@ def make_batch(assets, yolov5s):
     return make
 
 
+def coco128_subset(coco128: Path, start: int, stop: int, path: Path) -> Path:
+    """A COCO file of coco128's images [start:stop] and their annotations (a selection set, say)."""
+    import json
+    coco = json.loads((coco128 / 'instances.json').read_text())
+    images = coco['images'][start:stop]
+    ids = {im['id'] for im in images}
+    path.write_text(json.dumps({**coco, 'images': images,
+                                'annotations': [a for a in coco['annotations'] if a['image_id'] in ids]}))
+    return path
+
+
 @pytest.fixture(scope='session')
 def demo_subset(tmp_path_factory):
     """A COCO file holding three of the demo images, for runs where the figure is not the point."""

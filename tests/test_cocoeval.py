@@ -29,7 +29,8 @@ def coco_of(dataset: dict) -> COCO:
 
 def random_set(seed: int, images: int = 16, categories: int = 5, ties: str = 'within'):
     """Ground truth (some crowd) and detections near it or anywhere, float32 as the decoders give them; `ties`:
-    'within' gives some detections of one image the same score, 'across' only across images."""
+    'within' gives some detections of one image the same score, 'across' only across images, 'quantized' scores
+    on eight levels as an int8 model's are (long runs of one image's equal scores)."""
     rng = np.random.default_rng(seed)
     cats = [{'id': 3 * c + 1, 'name': f'c{c}'} for c in range(categories)]
     dataset = {'images': [{'id': i + 1, 'width': 640, 'height': 480, 'file_name': f'{i}.jpg'} for i in range(images)],
@@ -56,6 +57,8 @@ def random_set(seed: int, images: int = 16, categories: int = 5, ties: str = 'wi
         scores = rng.random(n).astype(np.float32)
         if ties == 'within':
             scores[rng.random(n) < 0.2] = 0.5
+        elif ties == 'quantized':
+            scores = (np.ceil(scores * 8) / 8).astype(np.float32)
         else:
             scores = (np.round(scores, 2) + np.float32(1e-4) * np.arange(n)).astype(np.float32)
         predictions[image['id']] = (np.asarray(detections, np.float32).reshape(-1, 4), scores,
@@ -104,7 +107,7 @@ def test_a_record_holds_a_few_kilobytes_for_300_detections():
     assert len(record.score) == 300 and record.nbytes <= 300 * 40
 
 
-@pytest.mark.parametrize('ties', ['within', 'across'])
+@pytest.mark.parametrize('ties', ['within', 'across', 'quantized'])
 @pytest.mark.parametrize('seed', range(3))
 def test_bootstrap_equals_cocoeval_on_each_resampled_set(seed, ties):
     """Each resample as COCOeval sees it: the drawn images, each as often as drawn, under new ids."""

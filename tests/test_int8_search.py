@@ -15,6 +15,7 @@ import pytest
 from common.errors import UserError
 from integrations.config import ROOT
 from integrations.int8_search import check_disjoint, conv_module, smallest_float_set
+from tests.conftest import coco128_subset
 
 
 def _drops(sensitive: set[str], per_module: float, base: float):
@@ -92,12 +93,7 @@ def searched(assets, coco128, tmp_path_factory):
     """A real search that has to keep modules in float: int8 calibrated on one image, per-tensor, raw-map convs
     in int8, a 0.1-point budget on 4 coco128 images that are not evaluated (the first 2 are)."""
     out = tmp_path_factory.mktemp('search')
-    coco = json.loads((coco128 / 'instances.json').read_text())
-    images = coco['images'][48:52]
-    ids = {im['id'] for im in images}
-    selection = out / 'selection.json'
-    selection.write_text(json.dumps({**coco, 'images': images,
-                                     'annotations': [a for a in coco['annotations'] if a['image_id'] in ids]}))
+    selection = coco128_subset(coco128, 48, 52, out / 'selection.json')
     command = [sys.executable, str(ROOT / 'run.py'), 'data=coco', f'data.img_dir={coco128 / "images"}',
                f'data.ann_file={coco128 / "instances.json"}', 'eval.num_images=2', 'eval.compare_native=false',
                'precision=int8', 'precision.raw_map_convs=int8', 'precision.per_channel=false',

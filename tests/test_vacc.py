@@ -18,7 +18,7 @@ import yaml
 from common.errors import UserError
 from integrations.app import check_inputs, run
 from integrations.config import ROOT
-from tests.conftest import DEMO_IMAGES, compose_cfg
+from tests.conftest import DEMO_IMAGES, coco128_subset, compose_cfg
 
 EMULATION = Path(__file__).parent / 'emulation'
 WORKER = ROOT / 'runtime' / 'vacc_worker.py'
@@ -216,7 +216,7 @@ def test_vacc_in_a_worker_process_reproduces_onnx(vsx, assets, demo_subset_data,
         calls = [e['call'][0] for e in entries if e['thread'] == thread]
         assert calls[0] == 'set_device', calls[:3]
     assert ['Model', vacc['artifacts']['runtime'], 2] in vsx.calls('Model')
-    assert ['add_operators', ['FusionOp', 'ModelOperator']] in vsx.calls()
+    assert ['add_operators', ['Operator', 'ModelOperator']] in vsx.calls()
     assert sorted(c[1] for c in vsx.calls('run_sync')) == [1, 2]  # one batch of 3 images, in runs of <= 2
     assert all(c[1] == 'RGB_PLANAR' for c in vsx.calls('create_image')) and len(vsx.calls('create_image')) == 3
 
@@ -461,13 +461,71 @@ def test_mlperf_loadgen_drives_the_card(vsx, assets, demo_subset_data, tmp_path)
     assert len(vsx.calls('run_sync')) >= 3
 
 
-def test_explain_on_the_card_names_its_one_device_stage(vsx, assets, demo_subset_data, tmp_path):
-    """eval.explain with runtime=vacc: the card's VDSP preprocessing, numerics and fp16 are one stage, said so;
-    the breakdown still ends at the reported device mAP."""
+def test_explain_on_the_card_separates_its_preprocessing_from_its_numerics(vsx, assets, demo_subset_data, tmp_path):
+    """eval.explain with runtime=vacc: a stage for the card's VDSP op alone (run by itself in a second worker, its
+    output read back for ONNX Runtime fp32 on the host), then the device; the breakdown ends at the reported
+    device mAP, and the numerics stage is said to be merged."""
     result = run(compose_cfg('runtime=vacc', 'precision=fp16', *demo_subset_data, 'eval.explain=true',
                              'explain.resamples=50', 'explain.images=1'), tmp_path / 'vacc')
-    assert [e['stage'] for e in result['breakdown']] == ['native_config', 'export_shape', 'device']
-    assert round(result['breakdown'][-1]['bbox_mAP'], 3) == result['device']['bbox_mAP']
+    stages = {e['stage']: e for e in result['breakdown']}
+    assert list(stages) == ['native_config', 'export_shape', 'device_preprocessing', 'device']
+    assert round(stages['device']['bbox_mAP'], 3) == result['device']['bbox_mAP']
+    # the emulated card differs from its own preprocessing only by its float16 raw maps
+    assert abs(stages['device']['delta']) <= 0.005
     skipped = {s['stage']: s['why'] for s in result['explain']['skipped']}
-    assert 'runtime=vacc' in skipped['device_preprocessing']
+    assert 'runtime=vacc' in skipped['numerics']
+    executed = vsx.calls('execute')
+    assert len(executed) == result['num_images'] and all(c[2] == [[[3, 640, 640], 'FLOAT16']] for c in executed)
+    # each image's own size set on the op before it runs (the emulated op refuses another size)
+    sizes = [dict(c[1]) for c in vsx.calls('set_attribute')]
+    assert len(sizes) == len(executed) and all(s['IimageWidth'] % 2 == 0 for s in sizes)
     assert Path(result['artifacts']['report']).is_file()
+
+
+def test_the_emulated_fusion_op_alone_refuses_an_image_of_another_size(monkeypatch):
+    monkeypatch.syspath_prepend(str(EMULATION))
+    import vaststreamx as vsx
+
+    from runtime.vacc import vdsp_params
+
+    vsx.set_device(0)
+    spec = vdsp_params({'kind': 'letterbox', 'height': 64, 'width': 64, 'mean': [0] * 3, 'std': [255] * 3},
+                       'BILINEAR_CV')
+    op = vsx.Operator(spec).cast_to_buildin_operator()
+    image = vsx.create_image(np.zeros((3, 32, 48), np.uint8), vsx.ImageFormat.RGB_PLANAR, 48, 32, 0)
+    with pytest.raises(RuntimeError, match='48x32 image'):
+        op.execute(tensors=[image], output_info=[([3, 64, 64], vsx.TypeFlag.FLOAT16)])
+    op.set_attribute({vsx.AttrKey.IIMAGE_WIDTH: 48, vsx.AttrKey.IIMAGE_HEIGHT: 32})
+    (out,) = op.execute(tensors=[image], output_info=[([3, 64, 64], vsx.TypeFlag.FLOAT16)])
+    assert out.shape == (3, 64, 64) and out.dtype == np.float16
+
+
+def test_max_drop_on_the_card_searches_on_onnx_and_writes_the_choice_beside_vamc_yaml(vsx, assets, coco128,
+                                                                                     demo_subset_data, tmp_path):
+    """precision.max_drop under runtime=vacc: the search runs on ONNX Runtime's int8 build (a proxy), its choice
+    goes to float_layers.json beside vamc.yaml with each conv's index among the export's Conv nodes, and vamc.yaml
+    itself is the one without a search (nothing applied)."""
+    import onnx
+
+    selection = coco128_subset(coco128, 48, 50, tmp_path / 'selection.json')
+    int8 = ['runtime=vacc', 'precision=int8', 'precision.calibration.num_images=1', 'eval.num_images=1',
+            'eval.compare_native=false', 'cache.enabled=false', *demo_subset_data]
+    plain = run(compose_cfg(*int8), tmp_path / 'plain')
+    searched = run(compose_cfg(*int8, 'precision.max_drop=0.1', f'precision.selection.img_dir={coco128 / "images"}',
+                               f'precision.selection.ann_file={selection}'), tmp_path / 'searched')
+    build = Path(searched['artifacts']['vamc_yaml']).parent
+    written = json.loads((build / 'float_layers.json').read_text())
+    assert written['applied'] is False and searched['precision_details']['float_layers_applied'] is False
+    assert written['search']['steps'][0]['float_layers'] == 0
+    assert written['search'] == searched['precision_details']['search']
+    convs = [n.name for n in onnx.load(str(build / 'model.onnx')).graph.node if n.op_type == 'Conv']
+    layers = written['float_layers']
+    assert layers == searched['precision_details']['float_layers']
+    for layer in layers:
+        assert (layer['node'] in convs) == (layer['conv_index'] is not None)
+        assert layer['conv_index'] is None or convs[layer['conv_index']] == layer['node']
+    assert written['conv_indices'] == [layer['conv_index'] for layer in layers if layer['node'] in convs]
+    assert written['conv_indices'] or not written['search']['float_modules']
+    assert yaml.safe_load((build / 'vamc.yaml').read_text()) == \
+        yaml.safe_load(Path(plain['artifacts']['vamc_yaml']).read_text())
+    assert not (build / 'onnx_int8_proxy').exists()

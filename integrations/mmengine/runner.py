@@ -116,7 +116,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
     for metric in metrics:
         metric.ann_file = dataset.ann_file
     reference = reference_precision(cfg)
-    labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}', 'reference': f'{cfg.runtime.name} {reference}'}
+    labels = {'device': f'{cfg.runtime.name} {cfg.precision.name}', 'reference': f'{cfg.runtime.name} {reference}',
+              'device_preprocessing': f'{cfg.runtime.name} preprocessing, onnx fp32'}
     explain = None
     if cfg.eval.explain:
         if 'Streaming' not in metrics[0]['type'] and 'OpenImagesMLPerf' not in metrics[0]['type']:
@@ -134,6 +135,7 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
                            dict(type='ExportHook', family=cfg.model.family, out_dir=str(export_dir),
                                 runtime=runtime, precision=precision, reference=reference,
                                 own_decode=own_decode_config(cfg, mm_cfg) if cfg.eval.explain else None,
+                                preprocessing_stage=bool(cfg.eval.explain),
                                 opset=cfg.export.opset,
                                 simplify=cfg.export.simplify, torchscript=cfg.export.torchscript,
                                 compare_native=cfg.eval.compare_native,

@@ -5,7 +5,10 @@ forgiving than VastAI's SDK in the ways its public code shows:
   card (their profiler does so per thread); a thread that did not is refused;
 - `run_sync` takes at most the stream's batch (`Model(prefix, batch)`) of images;
 - `create_image` takes RGB_PLANAR uint8 (3, H, W) with even sides (VastAI's scripts resize odd sides first);
-- model outputs come back as float16, one list of tensors per image.
+- model outputs come back as float16, one list of tensors per image;
+- the fusion op run alone (`cast_to_buildin_operator().execute`, as VastStreamX-Samples' yolo_world_image.py
+  does) reads the input size from its attributes, so an image of another size than `set_attribute` gave is
+  refused, and the output must be asked for as float16 of exactly the op's output size.
 
 Every call is recorded in `calls` and, when VSX_EMULATION_LOG names a file, appended to it as a JSON line with the
 process and thread (the SDK runs in the device worker process, so the tests read the calls from there).
@@ -64,6 +67,18 @@ class ImageFormat:
     YUV_NV12 = 'YUV_NV12'
 
 
+class AttrKey:
+    IIMAGE_WIDTH = 'IimageWidth'
+    IIMAGE_HEIGHT = 'IimageHeight'
+    IIMAGE_WIDTH_PITCH = 'IimageWidthPitch'
+    IIMAGE_HEIGHT_PITCH = 'IimageHeightPitch'
+
+
+class TypeFlag:
+    FLOAT16 = 'FLOAT16'
+    UINT8 = 'UINT8'
+
+
 def set_device(device_id: int) -> int:
     _record('set_device', device_id)
     _thread.device = device_id
@@ -88,10 +103,48 @@ class Model:
 
 
 class Operator:
+    """An op of the JSON: the stream runs it; alone, through its BuildInOperator."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.fusion = FusionOp(spec)
+
+    def __call__(self, planar: np.ndarray) -> np.ndarray:
+        return self.fusion(planar)
+
     @staticmethod
-    def load_ops_from_json_file(path: str) -> list[FusionOp]:
+    def load_ops_from_json_file(path: str) -> list[Operator]:
         _record('load_ops_from_json_file', path)
-        return [FusionOp(json.loads(Path(path).read_text()))]
+        return [Operator(json.loads(Path(path).read_text()))]
+
+    def cast_to_buildin_operator(self) -> BuildInOperator:
+        _record('cast_to_buildin_operator')
+        return BuildInOperator(self.spec)
+
+
+class BuildInOperator:
+    """The fusion op run by itself: its input size comes from its attributes (the JSON's until set)."""
+
+    def __init__(self, spec: dict):
+        self.spec = json.loads(json.dumps(spec))
+
+    def set_attribute(self, attributes: dict) -> None:
+        _record('set_attribute', sorted(attributes.items()))
+        self.spec['OpConfig'].update(attributes)
+
+    def execute(self, tensors: list[Image], output_info: list) -> list[np.ndarray]:
+        _on_device('execute')
+        _record('execute', len(tensors), [[list(shape), flag] for shape, flag in output_info])
+        config = self.spec['OpConfig']
+        (image,) = tensors
+        if (image.width, image.height) != (config['IimageWidth'], config['IimageHeight']):
+            raise RuntimeError(f"execute: a {image.width}x{image.height} image, the op's attributes say "
+                               f"{config['IimageWidth']}x{config['IimageHeight']}")
+        out = FusionOp(self.spec)(image.data)
+        (shape, flag), = output_info
+        if flag != TypeFlag.FLOAT16 or int(np.prod(shape)) != out.size:
+            raise RuntimeError(f'execute: output_info {shape} {flag}, the op writes {list(out.shape)} FLOAT16')
+        return [out.reshape(shape)]
 
 
 class ModelOperator:
