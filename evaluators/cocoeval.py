@@ -193,25 +193,31 @@ class Stacked:
 
     def __init__(self, records: list[ImageRecord], num_cats: int, num_areas: int):
         self.num_images = len(records)
-        sizes = [len(r.cat) for r in records]
         cat = np.concatenate([r.cat for r in records] or [np.zeros(0, np.int16)])
+        total = len(cat)
         order = np.argsort(cat, kind='stable')
         bounds = np.searchsorted(cat[order], np.arange(num_cats + 1))
-        del cat
-        # each field gathered in category order one at a time, in the records' compact types: this copy is the
-        # evaluation's largest allocation, about as large as the records themselves
-        self.image = np.repeat(np.arange(len(records), dtype=np.int32), sizes)[order]
-        self.score = np.concatenate([r.score for r in records] or [np.zeros(0, np.float32)])[order]
-        self.rank = np.concatenate([r.rank for r in records] or [np.zeros(0, np.uint16)])[order]
-        self.bits = (np.concatenate([r.bits for r in records], axis=1) if records else
-                     np.zeros((num_areas, 0), np.uint32))[:, order]
-        self.slices = [slice(bounds[k], bounds[k + 1]) for k in range(num_cats)]
+        place = np.empty(total, np.int32)  # where each detection goes in category order
+        place[order] = np.arange(total, dtype=np.int32)
+        del cat, order
+        # each record written straight to its places, in the records' compact types: no concatenated copy beside
+        # the records and this one, the evaluation's largest allocation (about as large as the records)
+        self.image = np.empty(total, np.int32)
+        self.score = np.empty(total, np.float32)
+        self.rank = np.empty(total, np.uint16)
+        self.bits = np.empty((num_areas, total), np.uint32)
         # (A, I, K) ground truths that count; (I, K) images where the category has ground truth or detections
         self.npig = np.zeros((num_areas, len(records), num_cats), np.uint16)
         self.present_in = np.zeros((len(records), num_cats), bool)
+        start = 0
         for i, r in enumerate(records):
+            where = place[start:start + len(r.cat)]
+            start += len(r.cat)
+            self.image[where], self.score[where], self.rank[where], self.bits[:, where] = i, r.score, r.rank, r.bits
             self.npig[:, i, r.present] = r.npig
             self.present_in[i, r.present] = True
+        del place
+        self.slices = [slice(bounds[k], bounds[k + 1]) for k in range(num_cats)]
         self.present = self.present_in.any(0)
 
     def sorted_detections(self, k: int, max_det: int) -> np.ndarray:
@@ -238,9 +244,10 @@ def resample_weights(num_images: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def weighted_map(stacked: Stacked, weights: np.ndarray, rec_thrs: np.ndarray, thresholds: int, max_det: int,
-                 area: int = 0, chunk: int = 64) -> np.ndarray:
+                 area: int = 0, cells: int = 1 << 22) -> np.ndarray:
     """bbox mAP (COCOeval's stats[0]: IoU 0.50:0.95, area range `area`, `max_det`) of each weighting of the images
-    (B, I), equal to COCOeval on the resampled set with each image repeated as often as its weight (tested)."""
+    (B, I), equal to COCOeval on the resampled set with each image repeated as often as its weight (tested).
+    Resamples go in chunks of about `cells` / (the category's detections) at once: few numpy calls, bounded memory."""
     per_category = []
     for k in np.flatnonzero(stacked.present):
         order = stacked.sorted_detections(k, max_det)
@@ -254,6 +261,7 @@ def weighted_map(stacked: Stacked, weights: np.ndarray, rec_thrs: np.ndarray, th
         run_start = np.flatnonzero(np.r_[True, (images[1:] != images[:-1]) | (scores[1:] != scores[:-1])]) \
             if len(order) else order  # a category with ground truth only: AP 0
         ap = np.full(len(weights), np.nan)
+        chunk = max(16, cells // max(len(order), 1))
         for start in range(0, len(weights), chunk):
             w = weights[start:start + chunk].astype(np.int64)
             npig = w @ npig_images
@@ -291,14 +299,19 @@ def _weighted_ap(run_weight: np.ndarray, run_start: np.ndarray, tps: np.ndarray,
     run_length = np.diff(np.r_[run_start, D])
     run_of = np.repeat(np.arange(len(run_start)), run_length)
     copies = np.arange(1, int(run_weight.max(initial=0)) + 1)
-    ap = np.zeros(B)
+    counted = run_weight * run_length
+    base_all = np.cumsum(counted, axis=1) - counted  # (B, N) detections before each run, whatever they are
+    del counted
+    ap, previous, value = np.zeros(B), None, 0.0
     for tp_t, fp_t in zip(tps, fps):
+        if previous is not None and np.array_equal(tp_t, previous[0]) and np.array_equal(fp_t, previous[1]):
+            ap += value  # the same matches as at the IoU threshold before (often): the same precisions
+            continue
+        previous, value = (tp_t, fp_t), 0.0
         hits = np.flatnonzero(tp_t)
         if len(hits) == 0:
             continue  # no true positive: precision 0 at every recall threshold
         run_tp, run_fp = np.add.reduceat(tp_t, run_start), np.add.reduceat(fp_t, run_start)
-        base_tp = np.cumsum(run_weight * run_tp, axis=1) - run_weight * run_tp  # (B, N) counts before each run
-        base_fp = np.cumsum(run_weight * run_fp, axis=1) - run_weight * run_fp
         tp_in_run = np.cumsum(tp_t) - np.repeat(np.cumsum(run_tp) - run_tp, run_length)  # up to each detection
         fp_in_run = np.cumsum(fp_t) - np.repeat(np.cumsum(run_fp) - run_fp, run_length)
         tied = run_length[run_of[hits]] > 1
@@ -308,11 +321,20 @@ def _weighted_ap(run_weight: np.ndarray, run_start: np.ndarray, tps: np.ndarray,
         column, copy = column[arranged], copy[arranged]
         run = run_of[column]
         weight = run_weight[:, run]  # (B, H)
+        # true positives and ignored detections before each point's run, summed over the few that are either
+        # (false positives: all the rest)
+        special = np.flatnonzero(tp_t | (fp_t == 0))
+        special_run = run_of[special]
+        special_weight = run_weight[:, special_run]
+        before = np.searchsorted(special_run, run, side='left')  # specials in earlier runs
+        base_tp = np.cumsum(special_weight * tp_t[special], axis=1)
+        base_tp = np.where(before > 0, base_tp[:, np.maximum(before - 1, 0)], 0)
+        base_ignored = np.cumsum(special_weight * (1 - tp_t[special]), axis=1)
+        base_fp = base_all[:, run] - base_tp - np.where(before > 0, base_ignored[:, np.maximum(before - 1, 0)], 0)
         copy = np.where(copy == 0, weight, copy)  # a run of one: its last copy
         present = (copy <= weight) & (weight > 0)
-        tp_sum = base_tp[:, run] + np.where(present, (copy - 1) * run_tp[run] + tp_in_run[column],
-                                            weight * run_tp[run])
-        fp_sum = base_fp[:, run] + (copy - 1) * run_fp[run] + fp_in_run[column]
+        tp_sum = base_tp + np.where(present, (copy - 1) * run_tp[run] + tp_in_run[column], weight * run_tp[run])
+        fp_sum = base_fp + (copy - 1) * run_fp[run] + fp_in_run[column]
         pr = np.where(present, tp_sum / (fp_sum + tp_sum + np.spacing(1)), 0.0)
         pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
         H = len(column)
@@ -321,5 +343,6 @@ def _weighted_ap(run_weight: np.ndarray, run_start: np.ndarray, tps: np.ndarray,
         found = np.searchsorted((tp_sum + rows).ravel(), (j + rows).ravel(), side='left').reshape(B, R)
         position = found - np.arange(B)[:, None] * H
         inside = position < H
-        ap += np.where(inside, np.take_along_axis(pr, np.minimum(position, H - 1), axis=1), 0.0).sum(1)
+        value = np.where(inside, np.take_along_axis(pr, np.minimum(position, H - 1), axis=1), 0.0).sum(1)
+        ap += value
     return ap / (len(tps) * R)
