@@ -327,10 +327,13 @@ def _weighted_ap(run_weight: np.ndarray, run_start: np.ndarray, tps: np.ndarray,
         special_run = run_of[special]
         special_weight = run_weight[:, special_run]
         before = np.searchsorted(special_run, run, side='left')  # specials in earlier runs
-        base_tp = np.cumsum(special_weight * tp_t[special], axis=1)
-        base_tp = np.where(before > 0, base_tp[:, np.maximum(before - 1, 0)], 0)
-        base_ignored = np.cumsum(special_weight * (1 - tp_t[special]), axis=1)
-        base_fp = base_all[:, run] - base_tp - np.where(before > 0, base_ignored[:, np.maximum(before - 1, 0)], 0)
+
+        def in_earlier_runs(flags):  # (B, H) weighted count of the flagged specials before each point's run
+            counts = np.cumsum(special_weight * flags, axis=1)
+            return np.where(before > 0, counts[:, np.maximum(before - 1, 0)], 0)
+
+        base_tp = in_earlier_runs(tp_t[special])
+        base_fp = base_all[:, run] - base_tp - in_earlier_runs(1 - tp_t[special])
         copy = np.where(copy == 0, weight, copy)  # a run of one: its last copy
         present = (copy <= weight) & (weight > 0)
         tp_sum = base_tp + np.where(present, (copy - 1) * run_tp[run] + tp_in_run[column], weight * run_tp[run])

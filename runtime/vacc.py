@@ -259,8 +259,8 @@ class Runtime:
     def _float_layer_proxy(self, onnx_path: Path, out_dir: Path, calibration, select_float) -> dict:
         """The search on ONNX Runtime's int8 build of the same export and calibration images (a proxy: vamc
         quantizes by its own code), written to float_layers.json beside vamc.yaml with each conv's index among the
-        export's Conv nodes in graph order (the other nodes of a chosen module have none). Not applied: that vamc's `quantize.skip_conv_layers` takes those
-        indices is a guess from its name, verified against nothing."""
+        export's Conv nodes in graph order (the other nodes of a chosen module have none). Not applied: that vamc's
+        `quantize.skip_conv_layers` takes those indices is a guess from its name, verified against nothing."""
         import onnx
 
         from runtime.onnx import Runtime as OnnxRuntime
@@ -274,8 +274,8 @@ class Runtime:
         proxy = onnx_runtime.build(onnx_path, proxy_dir, calibration, select_float=select_float)
         shutil.rmtree(proxy_dir)
         convs = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type == 'Conv']
-        layers = [{**layer, 'conv_index': convs.index(layer['node']) if layer['node'] in convs else None}
-                  for layer in proxy.info['float_layers']]
+        conv_index = {name: i for i, name in enumerate(convs)}
+        layers = [{**layer, 'conv_index': conv_index.get(layer['node'])} for layer in proxy.info['float_layers']]
         report = {'applied': False, 'chosen_on': 'onnxruntime int8 (proxy)',
                   'why': 'vamc quantize.skip_conv_layers is assumed to take conv indices; not verified',
                   'conv_indices': [layer['conv_index'] for layer in layers if layer['conv_index'] is not None],
