@@ -170,21 +170,26 @@ class StreamingCocoEval:
 
 def curves(tps: np.ndarray, fps: np.ndarray, npig, rec_thrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval.accumulate's precision at each recall threshold (T, R) and final recall (T,), from the
-    score-sorted true/false positive indicators (T, D) (or weighted counts) and the number of ground truths."""
-    tp_sum = np.cumsum(tps, axis=1).astype(float)
-    fp_sum = np.cumsum(fps, axis=1).astype(float)
-    T, D = tp_sum.shape
-    q = np.zeros((T, len(rec_thrs)))
+    score-sorted true/false positive indicators (T, D) (or weighted counts) and the number of ground truths.
+    One threshold at a time, in place: for COCO's largest category (D of millions of detections) the whole (T, D)
+    float cumsums at once set the run's memory peak."""
+    T, D = tps.shape
+    q, recall = np.zeros((T, len(rec_thrs))), np.zeros(T)
     if D == 0:
-        return q, np.zeros(T)
-    rc = tp_sum / npig
-    pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-    pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the precision envelope
+        return q, recall
     for t in range(T):
-        inds = np.searchsorted(rc[t], rec_thrs, side='left')
+        tp_sum = np.cumsum(tps[t], dtype=float)  # exact: pycocotools' integer cumsum, then float
+        fp_sum = np.cumsum(fps[t], dtype=float)
+        rc = tp_sum / npig
+        recall[t] = rc[-1]
+        fp_sum += tp_sum
+        fp_sum += np.spacing(1)
+        pr = np.divide(tp_sum, fp_sum, out=tp_sum)
+        np.maximum.accumulate(pr[::-1], out=pr[::-1])  # the precision envelope
+        inds = np.searchsorted(rc, rec_thrs, side='left')
         inside = inds < D
-        q[t, inside] = pr[t, inds[inside]]
-    return q, rc[:, -1]
+        q[t, inside] = pr[inds[inside]]
+    return q, recall
 
 
 class Stacked:

@@ -1,14 +1,16 @@
-"""int8 that holds on images it was not tuned on: `precision.max_drop` keeps the fewest convs in float that bring
-the int8 model's drop against fp32, measured by the task's own mAP on a selection set kept apart from calibration
-and from the evaluated images, within the budget; `precision.layers_report` shows, conv by conv in execution
-order, where int8 leaves the float model.
+"""int8 that holds on images it was not tuned on: `precision.max_drop` keeps few convs in float (none of them
+could go back to int8 alone) that bring the int8 model's drop against fp32, measured by the task's own mAP on a
+selection set kept apart from calibration and from the evaluated images, within the budget;
+`precision.layers_report` shows, conv by conv in execution order, where int8 leaves the float model.
 
 The search: the int8 model as configured is scored on the selection set; if it loses more than `max_drop` points,
 the modules of the quantized convs (mmcv's ConvModule: the conv and its activation) are ranked by the noise each
 conv adds itself (runtime.onnx.layer_divergence on a few selection images, a cheap proxy), and the k first are kept
-in float for k = 1, 2, 4, … until the budget holds, then k is bisected down to the smallest that holds. Every
-step's selection mAP and speed is reported. Only these modules are candidates: the ops between them (Concat,
-Resize, MaxPool of the neck) stay int8.
+in float for k = 1, 2, 4, … until the budget holds, then k is bisected down to the smallest that holds. The mAP is
+not monotone along the ranking, so a last pass tries to put each chosen module back in int8, lowest-ranked first,
+and keeps it there if the budget still holds: no single module of the result can go back to int8. Every step's
+selection mAP and speed is reported. Only these modules are candidates: the ops between them (Concat, Resize,
+MaxPool of the neck) stay int8.
 """
 from __future__ import annotations
 
@@ -108,33 +110,43 @@ class SelectionSet:
 
 
 def smallest_float_set(ranked: list[str], drop_of, max_drop: float) -> tuple[list[str], list[dict]]:
-    """The fewest of `ranked`'s first k kept in float with drop_of(first k) <= max_drop (in mAP points): k by
-    doubling, then bisected between the last k that failed and the first that held. `drop_of(nodes)` returns
+    """Few of `ranked` kept in float with drop_of(kept) <= max_drop (in mAP points): the first k, k by
+    doubling then bisected between the last k that failed and the first that held; then each kept module,
+    lowest-ranked first, is dropped from the set if the budget still holds without it. `drop_of(modules)` returns
     (drop, step report); every step is reported in order. All of `ranked` if no k holds."""
     steps, tried = [], {}
 
-    def holds(k: int) -> bool:
-        if k not in tried:
-            drop, report = drop_of(ranked[:k])
-            tried[k] = drop <= max_drop
-            steps.append({'float_layers': k, **report, 'within_budget': tried[k]})
-        return tried[k]
+    def holds(modules: list[str], **step) -> bool:
+        key = tuple(modules)
+        if key not in tried:
+            drop, report = drop_of(modules)
+            tried[key] = drop <= max_drop
+            steps.append({'float_layers': len(modules), **step, **report, 'within_budget': tried[key]})
+        return tried[key]
 
-    if holds(0):
+    def first(k: int) -> bool:
+        return holds(ranked[:k])
+
+    if first(0):
         return [], steps
     low, k = 0, 1
-    while k < len(ranked) and not holds(k):
+    while k < len(ranked) and not first(k):
         low, k = k, min(2 * k, len(ranked))
-    if k >= len(ranked) and not holds(len(ranked)):
+    if k >= len(ranked) and not first(len(ranked)):
         return list(ranked), steps
     high = k
     while high - low > 1:
         middle = (low + high) // 2
-        if holds(middle):
+        if first(middle):
             high = middle
         else:
             low = middle
-    return ranked[:high], steps
+    chosen = ranked[:high]
+    for module in reversed(ranked[:high]):
+        without = [m for m in chosen if m != module]
+        if holds(without, back_to_int8=module):
+            chosen = without
+    return chosen, steps
 
 
 def float_layer_search(selection: SelectionSet, max_drop: float):

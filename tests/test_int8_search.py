@@ -35,10 +35,24 @@ def test_search_keeps_the_fewest_modules_that_meet_the_budget():
     drop_of, calls = _drops({'m0', 'm1', 'm2'}, 1.0, 3.2)  # needs m0..m2: 3.2 - 3 = 0.2 <= 0.5
     chosen, steps = smallest_float_set(ranked, drop_of, 0.5)
     assert chosen == ['m0', 'm1', 'm2']
-    assert [s['float_layers'] for s in steps] == [0, 1, 2, 4, 3]  # doubling, then bisection between 2 and 4
-    assert [s['within_budget'] for s in steps] == [False, False, False, True, True]
+    # doubling, then bisection between 2 and 4, then m1 and m0 back to int8 (without m2 is the k=2 step, not rerun)
+    assert [s['float_layers'] for s in steps] == [0, 1, 2, 4, 3, 2, 2]
+    assert [s['within_budget'] for s in steps] == [False, False, False, True, True, False, False]
+    assert [s.get('back_to_int8') for s in steps[5:]] == ['m1', 'm0']
     again, _ = smallest_float_set(ranked, _drops({'m0', 'm1', 'm2'}, 1.0, 3.2)[0], 0.5)
     assert again == chosen  # reproducible: the same steps give the same set
+
+
+def test_search_puts_back_in_int8_what_the_ranking_kept_needlessly():
+    ranked = [f'm{i}' for i in range(8)]
+    drop_of, calls = _drops({'m0', 'm3'}, 0.5, 1.4)  # the ranking puts m1 and m2 before m3, which is needed
+    chosen, steps = smallest_float_set(ranked, drop_of, 0.5)
+    # the first 4 held (the first 3 did not, so m3 stays without a step); m2 and m1 went back to int8, m0 could not
+    assert chosen == ['m0', 'm3']
+    assert [s.get('back_to_int8') for s in steps if 'back_to_int8' in s] == ['m2', 'm1', 'm0']
+    assert [s['within_budget'] for s in steps if 'back_to_int8' in s] == [True, True, False]
+    assert drop_of(chosen)[0] <= 0.5 and len(calls) == len(steps) + 1  # each set measured once
+    assert all(drop_of([m for m in chosen if m != dropped])[0] > 0.5 for dropped in chosen)  # locally minimal
 
 
 def test_search_stops_at_once_when_int8_already_holds_and_keeps_all_when_nothing_does():
