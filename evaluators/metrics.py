@@ -14,7 +14,11 @@ metric for what comes after the figures (the bootstrap interval, per-class AP).
 """
 from __future__ import annotations
 
+import os
+import weakref
+
 import numpy as np
+from mmdet.datasets.api_wrappers import COCO
 from mmdet.evaluation.metrics import CocoMetric
 from mmdet.registry import METRICS
 
@@ -22,25 +26,47 @@ from common.errors import UserError
 from evaluators.cocoeval import StreamingCocoEval
 
 SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+_GROUND_TRUTHS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared_ground_truth(ann_file: str) -> COCO:
+    """The annotation file's COCO index, one per process for every streamed metric evaluating that file (native,
+    device, reference, explain's passes): each copy holds about 5 KB an image. Keyed by the file's path, size and
+    modification time, so a rewritten file is read again."""
+    stat = os.stat(ann_file)
+    key = (os.path.realpath(ann_file), stat.st_size, stat.st_mtime_ns)
+    coco = _GROUND_TRUTHS.get(key)
+    if coco is None:
+        coco = _GROUND_TRUTHS[key] = COCO(ann_file)
+    return coco
 
 
 class StreamedMetric:
     """What both metrics share: `process` keeps each image's detections compactly; `accumulated_stats` matches
-    them image by image, each image's detections replaced by its record as it goes, and accumulates. The ground
-    truth's segmentation polygons are dropped once loaded: bbox evaluation never reads them, and on COCO they are
-    most of what the annotations hold."""
+    them image by image, each image's detections replaced by its record as it goes, and accumulates. A local
+    annotation file's ground truth is loaded once for all of them (`shared_ground_truth`), and its segmentation
+    polygons are dropped: bbox evaluation never reads them, and on COCO they are most of what the annotations
+    hold."""
 
     max_dets: tuple = (1, 10, 100)
     stream: StreamingCocoEval | None = None
     records: list = []
+
+    def __init__(self, *args, ann_file=None, sort_categories: bool = False, backend_args=None, **kwargs):
+        local = ann_file is not None and backend_args is None and not sort_categories and os.path.isfile(ann_file)
+        super().__init__(*args, ann_file=None if local else ann_file, sort_categories=sort_categories,
+                         backend_args=backend_args, **kwargs)
+        if local:
+            self._coco_api = shared_ground_truth(ann_file)
+        if self._coco_api is not None:
+            for annotation in self._coco_api.dataset['annotations']:
+                annotation.pop('segmentation', None)
 
     def evaluated_categories(self) -> list[int]:
         raise NotImplementedError
 
     def _stream(self) -> StreamingCocoEval:
         if self.stream is None:
-            for annotation in self._coco_api.dataset['annotations']:
-                annotation.pop('segmentation', None)
             self.stream = StreamingCocoEval(self._coco_api, self.evaluated_categories(), self.max_dets,
                                             img_ids=self.img_ids)
         return self.stream

@@ -196,6 +196,25 @@ def test_the_metric_keeps_its_own_copies_of_the_detections(coco128):
         np.testing.assert_array_equal(arrays[0], pred['bboxes'].numpy())
         np.testing.assert_array_equal(arrays[1], pred['scores'].numpy())
 
+
+def test_metrics_of_one_annotation_file_share_its_ground_truth(coco128, tmp_path):
+    """Native, device and reference each evaluate the same file: one index for all (about 5 KB an image each);
+    a rewritten file is read again."""
+    from mmdet.evaluation.metrics import CocoMetric
+
+    from evaluators.metrics import OpenImagesMLPerfMetric, StreamingCocoMetric
+
+    ann_file = tmp_path / 'instances.json'
+    ann_file.write_bytes((coco128 / 'instances.json').read_bytes())
+    native, device = (StreamingCocoMetric(ann_file=str(ann_file)) for _ in range(2))
+    assert native._coco_api is device._coco_api is OpenImagesMLPerfMetric(ann_file=str(ann_file))._coco_api
+    assert CocoMetric(ann_file=str(ann_file))._coco_api is not native._coco_api  # mmdet's own stays its own
+    assert not any('segmentation' in a for a in native._coco_api.dataset['annotations'])
+    dataset = json.loads(ann_file.read_text())
+    dataset['images'] = dataset['images'][:5]
+    ann_file.write_text(json.dumps(dataset))
+    assert len(StreamingCocoMetric(ann_file=str(ann_file))._coco_api.imgs) == 5 != len(native._coco_api.imgs)
+
 def test_openimages_metric_equals_mlperfs_cocoeval(tmp_path):
     """MLPerf's accuracy script: COCOeval with its default parameters, label = category id."""
     from evaluators.metrics import OpenImagesMLPerfMetric
