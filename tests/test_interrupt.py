@@ -21,9 +21,11 @@ COMMAND = ['precision=int8', 'precision.calibration.num_images=3', 'eval.num_ima
 
 def _start(run_dir, cache_dir, *extra):
     env = {**os.environ, 'INLOOP_CACHE_DIR': str(cache_dir), 'PYTHONUNBUFFERED': '1'}
+    # Ctrl-C as a terminal's foreground job gets it: a suite started in the background (`make test &`) passes on an
+    # ignored SIGINT, which Python then keeps ignoring
     return subprocess.Popen([sys.executable, str(ROOT / 'run.py'), *COMMAND, *extra, f'hydra.run.dir={run_dir}'],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stop_at(process, marker: str, sig) -> str:
