@@ -181,7 +181,6 @@ def test_streaming_coco_metric_equals_mmdets_coco_metric(coco128):
     assert figures[0] == figures[1] and figures[0]['coco/bbox_mAP'] > 0.1
 
 
-
 def test_the_metric_keeps_its_own_copies_of_the_detections(coco128):
     """A numpy view of a decoder's tensor keeps the tensor alive with it: 5 KB an image more over a long run."""
     from evaluators.metrics import StreamingCocoMetric
@@ -214,6 +213,7 @@ def test_metrics_of_one_annotation_file_share_its_ground_truth(coco128, tmp_path
     dataset['images'] = dataset['images'][:5]
     ann_file.write_text(json.dumps(dataset))
     assert len(StreamingCocoMetric(ann_file=str(ann_file))._coco_api.imgs) == 5 != len(native._coco_api.imgs)
+
 
 def test_openimages_metric_equals_mlperfs_cocoeval(tmp_path):
     """MLPerf's accuracy script: COCOeval with its default parameters, label = category id."""
