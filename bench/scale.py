@@ -4,6 +4,7 @@ images repeated under new ids (coco128's 96 images, so every image is real and t
     python bench/scale.py                                   # YOLOv5s, 1,000 and 5,000 images, with and without
                                                             # the native model, engine=mmengine and lightning
     python bench/scale.py --sizes 500 2000 --family retinanet --engines mmengine --native off
+    python bench/scale.py --engines lightning --native on --flat-memory    # eval.flat_memory=true
 
 Each run is a fresh process; its peak RSS comes from the kernel (wait4). A short first run builds the model, so
 that every measured run is a cache hit (building peaks higher than evaluating). The growth per image between the two
@@ -74,13 +75,14 @@ def main() -> None:
     parser.add_argument('--family', choices=['yolov5', 'retinanet'], default='yolov5')
     parser.add_argument('--engines', nargs='+', default=['mmengine', 'lightning'])
     parser.add_argument('--native', choices=['both', 'on', 'off'], default='both')
+    parser.add_argument('--flat-memory', action='store_true', help='eval.flat_memory=true (common/memory.py)')
     parser.add_argument('--retinanet-size', type=int, default=160, help='RetinaNet input side (MLPerf: 800)')
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix='inloop-scale-') as tmp:
         tmp = Path(tmp)
         source = json.loads((COCO128 / 'instances.json').read_text())
-        model = []
+        model = [f'eval.flat_memory={str(args.flat_memory).lower()}']
         if args.family == 'retinanet':
             sys.path.insert(0, str(ROOT))
             from integrations.models.openimages_mlperf import convert
@@ -88,9 +90,9 @@ def main() -> None:
             config = tmp / f'retinanet_{args.retinanet_size}.py'
             config.write_text(RETINANET_CONFIG.format(base=ROOT / 'configs' / 'mlperf_retinanet_800.py',
                                                       size=args.retinanet_size))
-            model = ['model=retinanet', f'model.config={config}', 'eval.score_thr=0', 'data=openimages']
+            model += ['model=retinanet', f'model.config={config}', 'eval.score_thr=0', 'data=openimages']
         else:
-            model = ['data=coco']
+            model += ['data=coco']
         natives = {'both': [True, False], 'on': [True], 'off': [False]}[args.native]
         rows = []
         for engine in args.engines:
@@ -104,15 +106,15 @@ def main() -> None:
                     if not figures:  # a run that builds the model peaks higher than any evaluation: build first
                         measure([*overrides, 'eval.num_images=2'], tmp / f'warm-{engine}-{native}')
                     figures[size] = measure(overrides, tmp / f'run-{engine}-{native}-{size}')
-                    row = {'family': args.family, 'engine': engine, 'native': native, 'images': size,
-                           **figures[size]}
+                    row = {'family': args.family, 'engine': engine, 'native': native,
+                           'flat_memory': args.flat_memory, 'images': size, **figures[size]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 small, large = sorted(figures)[-2:] if len(figures) > 1 else (None, None)
                 if small:
                     growth = (figures[large]['peak_rss_mb'] - figures[small]['peak_rss_mb']) * 1024 / (large - small)
-                    print(f'{args.family} engine={engine} native={native}: {growth:.1f} KB more peak RSS per image '
-                          f'({small} -> {large} images)', flush=True)
+                    print(f'{args.family} engine={engine} native={native} flat_memory={args.flat_memory}: '
+                          f'{growth:.1f} KB more peak RSS per image ({small} -> {large} images)', flush=True)
 
 
 if __name__ == '__main__':

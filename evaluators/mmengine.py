@@ -17,6 +17,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.registry import EVALUATOR
 from mmengine.structures import InstanceData
 
+from common.memory import keep_large_buffers_mapped
 from evaluators.device import DeviceInference, NativeTaps
 from evaluators.metrics import SUMMARY_KEYS  # also registers the streamed metrics the configs name
 
@@ -36,13 +37,16 @@ class DeviceEvaluator(Evaluator):
         metrics: metric configs (the model config's test_evaluator metrics, e.g. mmdet.CocoMetric).
         labels: printed name of each runtime path, e.g. {'device': 'onnx int8'}. Defaults to the path names.
         overlap: run batch k on the device while batch k-1 is decoded and k-2 scored.
+        flat_memory: fix glibc's mmap threshold, so peak RSS stays flat over many images (common/memory.py).
         save_txt: a folder: every path's detections also go to <save_txt>/txt/<path>/ (evaluators/outputs.py).
         explain: DetectionDiff's options (score_thr, iou_thr, keep): diff native and device per image.
     """
 
-    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, save_txt: str | None = None,
-                 explain: dict | None = None):
+    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, flat_memory: bool = False,
+                 save_txt: str | None = None, explain: dict | None = None):
         super().__init__(_with_prefix(metrics, 'native'))
+        if flat_memory:
+            keep_large_buffers_mapped()
         self.metric_cfgs = metrics
         self.labels = dict(labels or {})
         self.save_txt = save_txt

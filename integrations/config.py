@@ -119,6 +119,7 @@ class EvalConf:
     prefetch: int = MISSING
     num_images: Optional[int] = MISSING
     overlap: bool = MISSING
+    flat_memory: bool = MISSING
     host_threads: Optional[int] = MISSING
     multi_label: Optional[bool] = MISSING
     save_txt: bool = MISSING

@@ -19,11 +19,12 @@ class DeviceEvalCallback(pl.Callback):
     """Runtime + host decode + the config's metrics per test batch (evaluators.mmengine.DeviceEvaluator);
     `metrics` holds the gathered results after the epoch."""
 
-    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, save_txt: str | None = None,
-                 explain: dict | None = None):
+    def __init__(self, metrics, labels: dict | None = None, overlap: bool = True, flat_memory: bool = False,
+                 save_txt: str | None = None, explain: dict | None = None):
         from evaluators.mmengine import DeviceEvaluator
 
-        self.evaluator = DeviceEvaluator(metrics, labels=labels, overlap=overlap, save_txt=save_txt, explain=explain)
+        self.evaluator = DeviceEvaluator(metrics, labels=labels, overlap=overlap, flat_memory=flat_memory,
+                                         save_txt=save_txt, explain=explain)
         self.metrics: dict = {}
 
     def on_test_start(self, trainer, pl_module) -> None:

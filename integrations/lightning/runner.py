@@ -22,7 +22,8 @@ def build_trainer(cfg: DictConfig, mm_cfg):
     evaluator = mm_cfg.test_evaluator
     callbacks = [ExportCallback(**{k: v for k, v in export.items() if k != 'type'}),
                  DeviceEvalCallback(evaluator['metrics'], labels=evaluator['labels'], overlap=evaluator['overlap'],
-                                    save_txt=evaluator['save_txt'], explain=evaluator['explain'])]
+                                    flat_memory=evaluator['flat_memory'], save_txt=evaluator['save_txt'],
+                                    explain=evaluator['explain'])]
     logging.getLogger('lightning.pytorch').setLevel(cfg.engine.log_level)
     engine = {k: cfg.engine[k] for k in ('accelerator', 'devices', 'strategy', 'num_nodes')}
     try:
