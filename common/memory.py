@@ -1,4 +1,4 @@
-"""Peak memory that stays flat over long evaluations (docs/bench.md, "Memory over 5,000 images").
+"""Peak memory that stays flat over long evaluations (docs/bench.md, "Memory against the number of images").
 
 glibc's malloc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB on 64-bit). After the
 first batches, every image's tensors (input, raw maps, native outputs) come from the heap instead, between small

@@ -1,6 +1,5 @@
 """`eval.flat_memory=true` fixes glibc's mmap threshold (common/memory.py): a large block freed and allocated again
 comes from a fresh mapping, not from the heap, which would keep it after it is freed."""
-import os
 import subprocess
 import sys
 
@@ -25,9 +24,9 @@ print(libc.sbrk(0) - before)
 '''
 
 
-def heap_growth(setup: str = '', **env) -> int:
+def heap_growth(setup: str = '') -> int:
     out = subprocess.run([sys.executable, '-c', PROBE.format(setup=setup)], cwd=ROOT, capture_output=True,
-                         text=True, check=True, env={**os.environ, **env})
+                         text=True, check=True)
     return int(out.stdout.split()[-1])  # the last line: a run logs before it
 
 

@@ -125,7 +125,8 @@ def build_config(cfg: DictConfig, output_dir: Path, export_dir: Path):
                             'CocoMetric against an annotation file, which the breakdown re-accumulates')
         explain = {k: cfg.explain[k] for k in ('score_thr', 'iou_thr')} | {'keep': cfg.explain.images}
     mm_cfg.test_evaluator = dict(type='DeviceEvaluator', metrics=metrics, labels=labels, overlap=cfg.eval.overlap,
-                                 flat_memory=cfg.eval.flat_memory, save_txt=str(output_dir) if cfg.eval.save_txt else None, explain=explain)
+                                 flat_memory=cfg.eval.flat_memory,
+                                 save_txt=str(output_dir) if cfg.eval.save_txt else None, explain=explain)
     runtime = plain(cfg.runtime)
     precision = plain(cfg.precision)
     # training hooks of the config (EMAHook swaps parameters at test time) would change the evaluated weights:
