@@ -15,7 +15,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Returns the device bbox mAP: the objective a Hydra sweeper (Optuna) maximizes."""
     from common.errors import UserError
-    from integrations.app import run
+    from integrations.app.main import run
 
     try:
         results = run(cfg)
@@ -60,12 +60,17 @@ if __name__ == '__main__':
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from integrations.app.checks import UnusableOutputDir
+
     os.environ.setdefault('HYDRA_FULL_ERROR', '1')  # config errors reach the handler below as exceptions
     signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
         print(f'error: {config_error_line(err)} (python run.py --help lists the options)', file=sys.stderr)
+        sys.exit(2)
+    except UnusableOutputDir as err:  # before the run itself (integrations/app/checks.py's OutputDirCheck)
+        print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if 'tqdm' in sys.modules:  # the progress bars left open end their lines first

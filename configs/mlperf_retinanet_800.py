@@ -1,7 +1,7 @@
 # MLCommons RetinaNet (MLPerf inference reference), ResNeXt50-32x4d FPN, 264 OpenImages-MLPerf classes, 800x800,
 # as an mmengine/mmdet test config. Data paths and classes are filled in by inloop (conf/data/*.yaml).
 default_scope = 'mmdet'
-custom_imports = dict(imports=['integrations.models.retinanet', 'evaluators.metrics'], allow_failed_imports=False)
+custom_imports = dict(imports=['integrations.models.retinanet', 'evaluators.mm.metrics'], allow_failed_imports=False)
 
 image_size = (800, 800)  # (height, width)
 model = dict(

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# COCOeval's first six stats, by mmdet's names
+SUMMARY_KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s', 'bbox_mAP_m', 'bbox_mAP_l')
+
 
 @dataclass
 class ImageRecord:

@@ -3,7 +3,7 @@
 Every option's type is declared here once, as structured configs in Hydra's ConfigStore; the YAML files under
 conf/ extend them (their defaults list starts with the schema) and hold the values and their comments. Hydra so rejects
 a value of the wrong type, a choice outside its list or an unknown key while composing, before anything runs.
-What code still checks is ranges and rules across options (integrations/app.py, each runtime's constructor).
+What code still checks is ranges and rules across options (integrations/app/checks.py, each runtime's constructor).
 """
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
-"""Shared fixtures: composed Hydra configs, the converted YOLOv5s model, real images."""
+"""Shared fixtures: composed Hydra configs, the converted YOLOv5s model, real images; and the `integration`
+marker, put automatically on every test that builds a model, loads the weights or runs the app or its CLI
+(`make test-fast` runs the others)."""
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,65 @@ COCO128 = ROOT.parent / 'shared' / 'data' / 'coco128'
 DEMO_IMAGES = ROOT / 'data' / 'demo' / 'images'
 
 register_resolvers()
+
+# fixtures that give the weights, a built model or a finished run (this file's and the test modules' own)
+HEAVY_FIXTURES = {'assets', 'yolov5s', 'make_batch', 'demo_results', 'explained', 'searched', 'exported', 'model',
+                  'retinanet', 'graph'}
+# calls in a test's own body that build a model, export, or run the app or its CLI
+HEAVY_CALLS = re.compile(r'(?<![.\w])run\(|build_model\(|open_engine\(|subprocess\.|DeviceBuild\(|export_onnx\(|'
+                         r'load_checkpoint\(|Trainer\(|build_runner\(|runpy\.')
+
+
+def reached_source(function, module) -> str:
+    """The function's source and, transitively, that of the test module's own functions it calls."""
+    seen, todo, sources = set(), [function], []
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        source = inspect.getsource(current)
+        sources.append(source)
+        for name in re.findall(r'(?<![.\w])(\w+)\(', source):
+            helper = getattr(module, name, None)
+            if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+                todo.append(helper)
+    return '\n'.join(sources)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        function = getattr(item, 'function', None)
+        source = reached_source(function, item.module) if function else ''
+        if HEAVY_FIXTURES & set(item.fixturenames) or HEAVY_CALLS.search(source):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _integration_guard(request, monkeypatch):
+    """A test left unmarked that builds a detector, runs the app or starts run.py fails, naming what it did: the
+    marker above missed it (add the call or the fixture to HEAVY_CALLS or HEAVY_FIXTURES)."""
+    if request.node.get_closest_marker('integration'):
+        return
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            pytest.fail(f'{request.node.nodeid} {what} but is not marked integration (tests/conftest.py)')
+        return call
+
+    import integrations.app.main
+    monkeypatch.setattr(integrations.app.main, '_run', refuse('runs the app'))
+    from mmengine.registry import MODELS
+    monkeypatch.setattr(MODELS, 'build', refuse('builds a model'))
+    popen = subprocess.Popen
+
+    class Popen(popen):
+        def __init__(self, args, *rest, **kwargs):
+            if any('run.py' in str(a) for a in (args if isinstance(args, (list, tuple)) else [args])):
+                refuse('starts run.py')()
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, 'Popen', Popen)
 
 
 @pytest.fixture(autouse=True, scope='session')
@@ -49,9 +113,12 @@ def assets():
 @pytest.fixture(scope='session')
 def yolov5s(assets):
     """The mmyolo YOLOv5s with the converted COCO weights, in eval mode."""
-    from integrations.mmengine.runner import build_model, load_model_config
+    from integrations.deploy.checkpoint import load_checkpoint
+    from integrations.models import build_model, load_model_config
 
-    return build_model(load_model_config(assets.YOLOV5S_CONFIG), assets.CHECKPOINT)
+    model = build_model(load_model_config(assets.YOLOV5S_CONFIG))
+    load_checkpoint(model, assets.CHECKPOINT)
+    return model
 
 
 @pytest.fixture(scope='session')
@@ -59,8 +126,8 @@ def make_batch(assets, yolov5s):
     """Real images through the config's own test pipeline and data preprocessor (fixed 640 letterbox)."""
     from mmengine.dataset import pseudo_collate
 
-    from integrations.deploy import image_pipeline
-    from integrations.mmengine.runner import load_model_config
+    from integrations.deploy.pipeline import image_pipeline
+    from integrations.models import load_model_config
 
     pipeline = image_pipeline(load_model_config(assets.YOLOV5S_CONFIG))
 

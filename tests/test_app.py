@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from integrations.app import check_inputs, run
-from integrations.config import ROOT
 from common.errors import UserError
+from integrations.app.checks import check_inputs
+from integrations.app.main import run
+from integrations.config import ROOT
 from tests.conftest import compose_cfg
 
 RESULT_KEYS = {'model', 'variant', 'runtime', 'precision', 'engine', 'num_images', 'device', 'native',

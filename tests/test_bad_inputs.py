@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from common.errors import UserError
-from integrations.app import check_inputs, run
+from integrations.app.checks import check_inputs
+from integrations.app.main import run
 from tests.conftest import DEMO_IMAGES, ROOT, compose_cfg
 
 DEMO_ANN = ROOT / 'data' / 'demo' / 'annotations.json'
@@ -117,7 +118,7 @@ def test_grayscale_and_alpha_images_work(tmp_path, mode, name):
 def test_checkpoint_of_the_other_family(tmp_path):
     import torch
 
-    from integrations.mmengine.runner import build_model, load_model_config
+    from integrations.models import build_model, load_model_config
 
     retinanet = build_model(load_model_config(str(ROOT / 'configs' / 'mlperf_retinanet_800.py')))
     torch.save({'model': retinanet.state_dict()}, tmp_path / 'retinanet.pth')
@@ -165,3 +166,21 @@ def test_unwritable_cache_or_output_dir(tmp_path, option):
     with pytest.raises(UserError, match=f'{option}.*not a writable directory'):
         run(compose_cfg(*overrides), run_dir)
     assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').iterdir())
+
+
+@pytest.mark.parametrize('option', ['hydra.run.dir', 'hydra.sweep.dir'])
+def test_output_dir_under_a_file_from_the_cli_is_one_line(tmp_path, option):
+    """Hydra makes the output folder before the app runs: its own NotADirectoryError traceback is replaced by one
+    line naming the option, exit 2, and nothing is written."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    sweep = ['-m', 'eval.score_thr=0.1,0.2'] if option == 'hydra.sweep.dir' else []
+    proc = subprocess.run([sys.executable, str(ROOT / 'run.py'), *sweep, f'{option}={blocker}/out'], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f'error: {option}={blocker}/out: {blocker} is a file, not a '
+                                                f'directory; choose another {option}']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a-file']

@@ -2,15 +2,17 @@
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from evaluators.device import DeviceInference
-from integrations.app import check_bench, run
-from integrations.bench import ReplaySession, latency_stats, measure
 from common.errors import UserError
+from evaluators.device import DeviceInference
+from integrations.app.checks import check_bench
+from integrations.app.main import run
+from integrations.tasks.bench import ReplaySession, bench_settings, latency_stats, measure
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 
@@ -94,7 +96,7 @@ def test_bench_task_writes_vamp_figures(assets, tmp_path):
 
 def test_host_work_single_threaded_without_native_forward():
     """Idle torch threads spin on the runtime's cores: one thread when no native forward needs more."""
-    from integrations.app import host_threads
+    from integrations.app.main import host_threads
 
     before = torch.get_num_threads()
     with host_threads(compose_cfg('eval.compare_native=false')):
@@ -106,17 +108,15 @@ def test_host_work_single_threaded_without_native_forward():
     assert torch.get_num_threads() == before
 
 
-def test_bench_with_engine_lightning_measures_mmengine_loop(assets, tmp_path):
-    result = run(compose_cfg('engine=lightning', 'task=bench', 'eval.num_images=2', 'bench.scenario=single_stream',
-                             'bench.iterations=2', 'bench.warmup=0'), tmp_path)
-    assert result['evaluation']['host_ms_per_image'] > 0 and result['settings'][0]['samples'] == 2
-
-
-def test_bench_of_an_int8_build(assets, tmp_path):
-    """The bench loads its sessions from the same (resolved) precision the build used: int8's list options too."""
-    result = run(compose_cfg('task=bench', 'precision=int8', 'precision.calibration.num_images=2', 'eval.num_images=2',
-                             'bench.scenario=single_stream', 'bench.iterations=2', 'bench.warmup=0'), tmp_path)
-    assert result['precision'] == 'int8' and result['settings'][0]['samples'] == 2
+def test_bench_of_an_int8_build_times_the_int8_model_the_evaluation_built(assets, tmp_path):
+    """The bench loads its sessions from the same (resolved) precision the build used, int8's list options too:
+    it times the int8 model, the very file an evaluation of the same settings builds and finds in the cache."""
+    options = ['precision=int8', 'precision.calibration.num_images=2', 'eval.num_images=2']
+    result = run(compose_cfg('task=bench', *options, 'bench.scenario=single_stream', 'bench.iterations=2',
+                             'bench.warmup=0'), tmp_path / 'bench')
+    evaluated = run(compose_cfg(*options, 'eval.compare_native=false'), tmp_path / 'eval')
+    assert Path(result['artifact']).name == 'model_int8.onnx'
+    assert result['artifact'] == evaluated['artifacts']['runtime'] and evaluated['cache'] == 'hit'
 
 
 @pytest.mark.parametrize('override, message', [
@@ -137,9 +137,12 @@ def test_bad_bench_option_fails_before_any_export(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_default_bench_options_pass():
-    check_bench(compose_cfg('task=bench').bench)
-    check_bench(compose_cfg('task=bench', 'bench.scenario=single_stream', 'bench.replay_latency_ms=2.5').bench)
+def test_bench_settings_follow_the_scenario_and_the_lists():
+    assert [(s['batch_size'], s['instances']) for s in bench_settings(compose_cfg('task=bench').bench)] == \
+        [(1, 1), (1, 2), (4, 1), (4, 2), (8, 1), (8, 2)]  # offline: every combination of the defaults
+    single = compose_cfg('task=bench', 'bench.scenario=single_stream', 'bench.batch_sizes=[4]').bench
+    assert bench_settings(single) == [{'batch_size': 1, 'instances': 1}]  # MLPerf SingleStream: batch 1, one
+    check_bench(single)  # the lists it ignores are still checked, and these pass
 
 
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from integrations.app import run
+from integrations.app.main import run
 from runtime.cache import ArtifactCache, content_key
 from tests.conftest import DEMO_IMAGES, compose_cfg
 

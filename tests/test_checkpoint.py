@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from integrations.checkpoint import apply_state_dict, load_state_dict
 from common.errors import UserError
+from integrations.deploy.checkpoint import apply_state_dict, load_state_dict
 
 
 class _Payload:
@@ -70,7 +70,7 @@ def test_missing_and_garbage_files(tmp_path):
 def test_getattr_is_only_allowed_for_history_buffer_methods():
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    from integrations.checkpoint import _class_function
+    from integrations.deploy.checkpoint import _class_function
 
     assert _class_function(HistoryBuffer, 'mean') is HistoryBuffer.mean
     for owner, name in [(HistoryBuffer, '__init__'), (HistoryBuffer, '__class__'), (pickle, 'loads')]:

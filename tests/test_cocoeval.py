@@ -166,7 +166,7 @@ def _samples(coco: COCO, seed: int, labels: int) -> list[dict]:
 def test_streaming_coco_metric_equals_mmdets_coco_metric(coco128):
     from mmdet.evaluation.metrics import CocoMetric
 
-    from evaluators.metrics import StreamingCocoMetric
+    from evaluators.mm.metrics import StreamingCocoMetric
 
     ann_file = str(coco128 / 'instances.json')
     coco = quiet(COCO, ann_file)
@@ -183,7 +183,7 @@ def test_streaming_coco_metric_equals_mmdets_coco_metric(coco128):
 
 def test_the_metric_keeps_its_own_copies_of_the_detections(coco128):
     """A numpy view of a decoder's tensor keeps the tensor alive with it: 5 KB an image more over a long run."""
-    from evaluators.metrics import StreamingCocoMetric
+    from evaluators.mm.metrics import StreamingCocoMetric
 
     metric = StreamingCocoMetric(ann_file=str(coco128 / 'instances.json'))
     coco = metric._coco_api
@@ -201,7 +201,7 @@ def test_metrics_of_one_annotation_file_share_its_ground_truth(coco128, tmp_path
     a rewritten file is read again."""
     from mmdet.evaluation.metrics import CocoMetric
 
-    from evaluators.metrics import OpenImagesMLPerfMetric, StreamingCocoMetric
+    from evaluators.mm.metrics import OpenImagesMLPerfMetric, StreamingCocoMetric
 
     ann_file = tmp_path / 'instances.json'
     ann_file.write_bytes((coco128 / 'instances.json').read_bytes())
@@ -217,7 +217,7 @@ def test_metrics_of_one_annotation_file_share_its_ground_truth(coco128, tmp_path
 
 def test_openimages_metric_equals_mlperfs_cocoeval(tmp_path):
     """MLPerf's accuracy script: COCOeval with its default parameters, label = category id."""
-    from evaluators.metrics import OpenImagesMLPerfMetric
+    from evaluators.mm.metrics import OpenImagesMLPerfMetric
 
     dataset, predictions = random_set(1, images=12, categories=6)
     for i, category in enumerate(dataset['categories']):  # MLPerf's format: category ids 0.. = labels

@@ -29,7 +29,7 @@ def test_run_destroys_the_process_group_it_ran_in(assets, tmp_path):
     (SIGABRT, 'terminate called without an active exception'); run() releases the group itself."""
     import torch.distributed as dist
 
-    from integrations.app import run
+    from integrations.app.main import run
 
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from evaluators.breakdown import DetectionDiff, breakdown, interval, match, stage_maps
 from evaluators.cocoeval import StreamingCocoEval
-from evaluators.explain import DetectionDiff, breakdown, interval, match, stage_maps
 from integrations.config import ROOT
 from tests.test_cocoeval import coco_of, random_set, reference
 

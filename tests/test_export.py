@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from evaluators.device import compare_maps
-from integrations.export import RawMapGraph, export_onnx
+from integrations.deploy.graph import RawMapGraph, export_onnx
 from integrations.models.yolov5 import cut_head
 from runtime.onnx import OrtSession
 
@@ -41,3 +41,24 @@ def test_compare_maps_measures_difference():
     b[0][1, 0, 0, 0] = -1.0
     diff = compare_maps(a, b)
     assert diff['max_abs_diff'] == 2.0 and diff['min_cosine'] < 1.0
+
+
+def test_an_export_that_differs_from_pytorch_is_one_error_line(yolov5s, tmp_path, monkeypatch):
+    """ONNX Runtime's maps off by more than the tolerance stop the build with a UserError naming the figure and
+    what to try, not a traceback; nothing is built after it."""
+    import pytest
+
+    import integrations.deploy.build as build
+    from common.errors import UserError
+    from integrations.models import get_family
+
+    class Shifted(OrtSession):
+        def run(self, batch):
+            return [m + 0.01 for m in super().run(batch)]
+
+    monkeypatch.setattr(build, 'OrtSession', Shifted)
+    with pytest.raises(UserError, match=r'the ONNX export differs from PyTorch by 0\.01.*export\.simplify=false'):
+        build.build_artifacts(yolov5s, get_family('yolov5'), (3, 320, 320), tmp_path,
+                              {'opset': 13, 'simplify': False, 'torchscript': False}, runtime=None, reference=None,
+                              calibration=None, keep_float=[], equalize=[], preprocessing=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']

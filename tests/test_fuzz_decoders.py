@@ -82,8 +82,8 @@ def test_yolov5_decoder_equals_predict_by_feat(yolov5s, height, width, batch, lo
 
 @pytest.fixture(scope='module')
 def retinanet():
-    from integrations.mmengine.runner import build_model, load_model_config
     from integrations.config import ROOT
+    from integrations.models import build_model, load_model_config
 
     return build_model(load_model_config(str(ROOT / 'configs' / 'mlperf_retinanet_800.py')))
 
@@ -95,7 +95,7 @@ def test_retinanet_decoder_equals_torchvision_postprocess(retinanet, height, wid
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.image_list import ImageList
 
-    from integrations.models.retinanet import RetinaNetDecoder, grid_sizes
+    from evaluators.decode.retinanet import RetinaNetDecoder, grid_sizes
 
     generator = torch.Generator().manual_seed(seed)
     scale, offset = logits

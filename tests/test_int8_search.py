@@ -14,7 +14,7 @@ import pytest
 
 from common.errors import UserError
 from integrations.config import ROOT
-from integrations.int8_search import check_disjoint, conv_module, smallest_float_set
+from integrations.deploy.int8_search import check_disjoint, conv_module, smallest_float_set
 from tests.conftest import coco128_subset
 
 
@@ -84,8 +84,8 @@ def test_selection_must_be_disjoint_by_path_and_by_content(tmp_path):
 
 
 def test_cache_key_follows_the_budget_and_the_selection(yolov5s, assets):
-    from integrations.deploy import DeviceBuild
-    from integrations.mmengine.runner import load_model_config
+    from integrations.deploy.build import DeviceBuild
+    from integrations.models import load_model_config
     from runtime import get_runtime
     from runtime.cache import content_key
 
@@ -163,3 +163,22 @@ def test_search_refuses_a_selection_that_overlaps_the_evaluated_images(searched,
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and last.startswith('error: precision.selection:') and 'evaluated' in last
     assert not (out / 'bad' / 'results.json').exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['precision.max_drop=0'], r'precision.max_drop=0.0: must be > 0'),
+    (['precision.max_drop=0.5'], r'precision.max_drop needs a selection set'),
+    (['precision.max_drop=0.5', 'precision.selection.img_dir=/nowhere', 'precision.selection.ann_file=/x.json'],
+     r'precision.selection.img_dir=/nowhere: directory not found'),
+    (['precision.layers_report=true', 'runtime=vacc', 'runtime.compile=false'],
+     r'precision.layers_report runs on runtime=onnx, not vacc'),
+    (['precision.max_drop=0.5', 'runtime=npz', 'runtime.output_dir=/x', 'runtime.datalist=/y'],
+     r'precision.max_drop: the search runs on runtime=onnx or vacc, not npz'),
+])
+def test_precision_rules_fail_before_anything_is_built(overrides, message, tmp_path):
+    """The option rules of the search and the layer report are checked with the others, before any export."""
+    from integrations.app.checks import check_inputs
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(UserError, match=message):
+        check_inputs(compose_cfg('precision=int8', *overrides))

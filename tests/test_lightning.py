@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from integrations.app import run
-from integrations.config import ROOT
 from common.errors import UserError
+from integrations.app.main import run
+from integrations.config import ROOT
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 
@@ -24,9 +24,9 @@ def test_callbacks_in_a_users_trainer(assets, yolov5s, tmp_path):
     """The two callbacks around a DetectorModule and the config's own dataset: mAP is self.log-ed."""
     import lightning.pytorch as pl
 
-    from integrations.lightning.callbacks import DeviceEvalCallback, ExportCallback
-    from integrations.lightning.modules import DetectorModule, MMDataModule
-    from integrations.mmengine.runner import load_model_config
+    from integrations.engines.lightning.callbacks import DeviceEvalCallback, ExportCallback
+    from integrations.engines.lightning.modules import DetectorModule, MMDataModule
+    from integrations.models import load_model_config
 
     mm_cfg = load_model_config(assets.YOLOV5S_CONFIG)
     dataset = mm_cfg.test_dataloader.dataset

@@ -39,7 +39,7 @@ def test_without_the_fix_a_freed_large_block_returns_on_the_heap():
 def test_a_run_with_flat_memory_keeps_large_blocks_mapped(assets, demo_subset_data, tmp_path, engine, flat_memory):
     overrides = [*demo_subset_data, f'engine={engine}', f'eval.flat_memory={str(flat_memory).lower()}',
                  'eval.compare_native=false', 'eval.num_images=1']
-    setup = ('from integrations.app import run; from tests.conftest import compose_cfg; '
+    setup = ('from integrations.app.main import run; from tests.conftest import compose_cfg; '
              f'run(compose_cfg(*{overrides!r}), {str(tmp_path)!r})')
     growth = heap_growth(setup)
     assert growth < 1 << 20 if flat_memory else growth >= 8 << 20

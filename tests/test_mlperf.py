@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from integrations.app import run
-from integrations.mlperf import (DeviceSUT, SampleLibrary, decode_accuracy_log, loadgen_settings,
-                                response_rows)
+from integrations.app.main import run
+from integrations.tasks.mlperf import DeviceSUT, SampleLibrary, decode_accuracy_log, loadgen_settings, response_rows
 from tests.conftest import ROOT, compose_cfg
 
 YOLOV5N = ['model.config=mmyolo::yolov5/yolov5_n-v61_syncbn_fast_8xb16-300e_coco.py', 'model.checkpoint=null']
 
 
 def _score_accuracy_log_as_mlcommons_does(log, ann_file) -> float:
-    """accuracy-openimages.py's reading of the log, written out here independently of integrations/mlperf.py."""
+    """accuracy-openimages.py's reading of the log, written out here independently of integrations/tasks/mlperf.py."""
     import contextlib
     import io
 
@@ -81,22 +80,9 @@ def test_official_settings_are_mlperfs_on_every_run():
     assert local.min_duration_ms < 600000 and local.single_stream_expected_latency_ns <= 0.1e9
 
 
-class _Dataset:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, index):
-        return index
-
-
-class _Preprocessor:
-    def __call__(self, data, training):
-        from mmdet.structures import DetDataSample
-        return {'inputs': torch.zeros(1, 3, 4, 4),
-                'data_samples': [DetDataSample(metainfo={'ori_shape': (4, 4), 'img_path': str(data[0])})]}
+def _sample(index):
+    """A preprocessed sample of one, as an engine gives it."""
+    return torch.zeros(1, 3, 4, 4), {'ori_shape': (4, 4), 'img_path': str(index)}
 
 
 class _FailingInference:
@@ -118,7 +104,7 @@ class _FailingInference:
 
 def test_a_failing_sut_lets_loadgen_finish_and_reports_the_error(tmp_path):
     """An error in the SUT must not hang LoadGen: every later sample is answered empty and the error kept."""
-    samples = SampleLibrary(_Dataset(6), _Preprocessor(), reads_paths=False)
+    samples = SampleLibrary(_sample, reads_paths=False)
     sut = DeviceSUT(lg, _FailingInference(fail_at=3), samples, batch_size=1, cat_ids=[0])
     settings = lg.TestSettings()
     settings.mode = lg.TestMode.AccuracyOnly

@@ -1,12 +1,13 @@
 """The pieces work from a user's own mmyolo config, and the app takes any mmyolo YOLOv5 config + checkpoint."""
 import torch
 
-from integrations.app import run
+from integrations.app.main import run
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 USER_CONFIG = """
 _base_ = 'mmyolo::yolov5/yolov5_s-v61_syncbn_fast_8xb16-300e_coco.py'
-custom_imports = dict(imports=['integrations.mmengine.hooks', 'evaluators.mmengine'], allow_failed_imports=False)
+custom_imports = dict(imports=['integrations.engines.mmengine.hooks', 'evaluators.mm.evaluator'],
+                      allow_failed_imports=False)
 custom_hooks = [dict(type='ExportHook', family='yolov5', out_dir='{tmp}/export', torchscript=True)]
 test_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
                        dataset=dict(data_root='', ann_file='{ann}', data_prefix=dict(img='{images}/'),
@@ -36,7 +37,7 @@ def test_hook_and_evaluator_from_a_plain_mmyolo_config(assets, demo_subset, tmp_
 
 def test_other_yolov5_config_and_checkpoint(demo_subset, tmp_path):
     """A P6 config (four levels, 1280 input) with a checkpoint of its own runs the same flow."""
-    from integrations.mmengine.runner import build_model, load_model_config
+    from integrations.models import build_model, load_model_config
 
     config = 'mmyolo::yolov5/yolov5_n-p6-v62_syncbn_fast_8xb16-300e_coco.py'
     torch.manual_seed(0)

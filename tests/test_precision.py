@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from integrations.app import run
-from integrations.deploy import loop_preprocessing
 from common.errors import UserError
 from evaluators.device import compare_maps
-from integrations.export import RawMapGraph, export_onnx
+from integrations.app.main import run
+from integrations.deploy.graph import RawMapGraph, export_onnx
+from integrations.deploy.pipeline import loop_preprocessing
 from integrations.models.yolov5 import cut_head
 from runtime import get_runtime
 from runtime.calibration import CalibrationReader
@@ -22,7 +22,7 @@ INT8 = dict(name='int8', calibration=dict(method='max', percentile=99.999, num_i
 @pytest.fixture(scope='module')
 def exported(yolov5s, assets, tmp_path_factory):
     """The YOLOv5s export, a real image preprocessed as the test loop does, and its fp32 raw maps."""
-    from integrations.mmengine.runner import load_model_config
+    from integrations.models import load_model_config
 
     out = tmp_path_factory.mktemp('precision')
     with cut_head(yolov5s):

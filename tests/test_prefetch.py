@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from integrations.prefetch import PrefetchLoader
+from integrations.engines.prefetch import PrefetchLoader
 
 
 class _Loader(list):

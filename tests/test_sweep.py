@@ -8,7 +8,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from integrations.config import ROOT
-from integrations.sweep import collect, pareto_front, write_summary
+from integrations.tasks.sweep import collect, pareto_front, write_summary
 from tests.conftest import DEMO_IMAGES
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from integrations.assets.yolov5_tfjs import _mmyolo_name, ultralytics_conv_names
 from integrations.models.yolov5 import cut_head
-from integrations.models.yolov5_tfjs import _mmyolo_name, ultralytics_conv_names
 from tests.conftest import DEMO_IMAGES
 from tests.tfjs_graph import TfjsGraph
 

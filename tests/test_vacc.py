@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from common.errors import UserError
-from integrations.app import check_inputs, run
+from integrations.app.checks import check_inputs
+from integrations.app.main import run
 from integrations.config import ROOT
 from tests.conftest import DEMO_IMAGES, coco128_subset, compose_cfg
 
@@ -155,9 +156,8 @@ def test_emulated_vdsp_letterbox_matches_host_preprocessing(assets, yolov5s):
         from vaststreamx.vdsp import FusionOp
     finally:
         sys.path.remove(str(EMULATION))
-    from integrations.deploy import loop_preprocessing
-    from integrations.mmengine.runner import load_model_config
-    from integrations.models import yolov5
+    from integrations.deploy.pipeline import loop_preprocessing
+    from integrations.models import load_model_config, yolov5
     from runtime.vacc import read_planar_rgb, vdsp_params
 
     cfg = load_model_config(assets.YOLOV5S_CONFIG)

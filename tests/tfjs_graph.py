@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from integrations.models.yolov5_tfjs import read_tfjs_weights
+from integrations.assets.yolov5_tfjs import read_tfjs_weights
 
 
 def _attr_str(attr, key):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from integrations.models.openimages_mlperf import CLASSES, convert  # noqa: E402
+from evaluators.openimages_mlperf import CLASSES, convert  # noqa: E402
 
 
 def main() -> int:

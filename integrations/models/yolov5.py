@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 OUTPUT_PREFIX = 'raw_map'
 LABEL_SPACE = 'coco'  # how labels index the annotation file's categories (the metric's rule)
+SHAPE_NOTE = "fixed-shape letterbox for native and device (the config's batch_shapes_cfg is off)"
 
 
 def prepare_config(mm_cfg, eval_cfg) -> None:
