@@ -1,9 +1,12 @@
 """Per-image detections as files VastAI's own tools read (`eval.save_txt=true`).
 
 For each evaluated image, `<image file stem>.txt` with one line per detection, `<class name> <score> x1 y1 x2 y2`
-in original-image pixels at full float precision — the format the seeds' vsx scripts write and their
-`eval_map.py` scores (it takes `int(stem)` as the COCO image id and maps class names to category ids) — and a
-COCO results file `pred.json` beside them. Every detection the metric saw is written (no extra score threshold).
+in original-image pixels at full float precision — the format the seeds' vsx scripts write and VastModelZOO's
+`eval_map.py` scripts score: the COCO one (`cv/detection/common/eval/`) takes `int(stem)` as the image id and maps
+COCO-80 class names to category ids; the MLPerf one (`cv/detection/retinanet/source_code/mlcommons/`) finds the
+image by `<stem>.jpg` among the ground truth's `file_name`s and the category by its name. A COCO results file
+`<folder>.pred.json` lies beside the folder, not in it: both scripts write their own `pred.json` into the folder.
+Every detection the metric saw is written (no extra score threshold).
 The files go to `<dir>.partial/` and the folder is renamed when the evaluation has finished, so an interrupted run
 leaves no folder that looks complete.
 """
@@ -20,7 +23,7 @@ from evaluators.cocoeval import xyxy_to_coco
 
 
 class DetectionWriter:
-    """Writes one folder of txt files (and a pred.json) for one path (device, native, …).
+    """Writes one folder of txt files (and the pred.json beside it) for one path (device, native, …).
 
     Args:
         folder: the final folder (e.g. <run>/txt/device); files are written under `<folder>.partial` first.
@@ -56,7 +59,7 @@ class DetectionWriter:
 
     def finish(self) -> dict:
         """Rank 0, after every rank closed its writer: merge the ranks' results into pred.json (each image once),
-        then rename the folder into place. Returns the paths for results.json."""
+        then rename the folder into place and the pred.json out beside it. Returns the paths for results.json."""
         seen, first = set(), True
         with open(self.partial / 'pred.json', 'w') as out:
             out.write('[')
@@ -74,7 +77,9 @@ class DetectionWriter:
             out.write('\n]\n')
         shutil.rmtree(self.folder, ignore_errors=True)
         os.replace(self.partial, self.folder)
-        return {'txt': str(self.folder), 'pred_json': str(self.folder / 'pred.json')}
+        beside = self.folder.with_name(f'{self.folder.name}.pred.json')
+        os.replace(self.folder / 'pred.json', beside)
+        return {'txt': str(self.folder), 'pred_json': str(beside)}
 
     def discard(self) -> None:
         self.close()

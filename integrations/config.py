@@ -35,6 +35,7 @@ class Task(StrEnum):
     npz = 'npz'          # vamp's image -> npz datalist
     cache = 'cache'      # list or clean the artifact cache
     mlperf = 'mlperf'    # MLPerf LoadGen drives the runtime (mlperf_log_*, results.json)
+    check = 'check'      # runtime=vacc: every unverified fact about the card checked on it (check.json)
 
 
 class Scenario(StrEnum):
@@ -327,6 +328,18 @@ def plain(node) -> Any:
     """A config node as plain Python values (dicts, lists, strings for choices), as the runtimes, the cache
     key and the build files (YAML, JSON) take them."""
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def group_option(group: str, option: str):
+    """One config group's option as it composes by itself (conf/<group>/<option>.yaml on its schema): for a task
+    that also builds at an option the user did not choose (task=check: int8 beside fp16)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside the app: its own config search path
+        return compose('config', overrides=[f'{group}={option}'])[group]
+    with initialize_config_dir(str(ROOT / 'conf'), version_base='1.3'):
+        return compose('config', overrides=[f'{group}={option}'])[group]
 
 
 def register_resolvers() -> None:

@@ -1,7 +1,8 @@
 """VastAI VACC: `vamc compile` builds the model (mod.so/.json/.params) from the export and a YAML build config;
 `vaststreamx` runs it behind a VDSP preprocessing op described by a JSON, on original images.
 
-VastAI ships vaststreamx for Python 3.8 only, so the SDK runs in a device worker process (runtime/vacc_worker.py)
+VastAI builds its vaststreamx wheel for one Python each (cp38 in VastStreamX-Samples' image, cp312 in
+xinference_vacc's), so the SDK runs in a device worker process (runtime/vacc_worker.py, valid Python 3.8 to 3.12)
 started with `runtime.python` (default: this interpreter, if it can import the SDK); images and raw maps cross
 through shared memory. The SDK and the compiler are vendor software (not on PyPI): without them `task=export`
 still writes the ONNX, the vamc YAML and the VDSP JSON to carry to a machine with a card; everything else stops
@@ -30,12 +31,15 @@ from runtime import Artifact
 LETTERBOX_OP = 'FUSION_OP_RGB_LETTERBOX_CVTCOLOR_NORM_TENSOR'
 RESIZE_OP = 'FUSION_OP_RGB_RESIZE_CVTCOLOR_NORM_TENSOR'
 WORKER = Path(__file__).with_name('vacc_worker.py')
-SDK_HINT = ("install VastAI's vaststreamx SDK (v2.8+, a Python 3.8 wheel) on a machine with a VastAI card and give "
-            'its interpreter with runtime.python=/usr/bin/python3.8, or run task=export here and carry the export '
-            'directory to such a machine')
+SDK_HINT = ("install VastAI's vaststreamx SDK (v2.8+; its wheel is built for one Python, e.g. cp38 or cp312) on a "
+            'machine with a VastAI card and give that interpreter with runtime.python=PATH (e.g. /usr/bin/python3.8), '
+            'or run task=export here and carry the export directory to such a machine')
 COMPILER_HINT = ("install VastAI's vamc (v3.0+), put it on PATH or set runtime.compiler=PATH, or give an already "
                  'compiled model with runtime.model_prefix=deploy_weights/<name>/mod')
 FLOAT_LAYERS = 'float_layers.json'  # precision.max_drop's choice beside vamc.yaml
+# the card's fp16 activation layout, as the VDSP op writes its tensor (VastStreamX-Samples common/utils.py,
+# get_activation_aligned_faster; common/yolo_world_image.py asks the op for [1, W/8, H/8, ceil(C/4), 256])
+TILE, CHANNEL_GROUP = 8, 4
 PROBE = 'import sys, numpy, vaststreamx; print(sys.version.split()[0], getattr(vaststreamx, "__version__", "unknown"))'
 _probed: dict[tuple, str] = {}  # (interpreter, PYTHONPATH) -> what it reported
 
@@ -89,6 +93,23 @@ def device_geometry(preprocessing: dict, original: tuple[int, int], given: tuple
     gain = min(out_h / gh, out_w / gw)
     pad_x, pad_y = (out_w - gw * gain) / 2, (out_h - gh * gain) / 2
     return {'scale_factor': (gain * gw / w, gain * gh / h), 'pad_param': [pad_y, pad_y, pad_x, pad_x]}
+
+
+def tiled_shape(channels: int, height: int, width: int) -> list[int]:
+    """The shape the VDSP op writes a (C, H, W) fp16 tensor in: [1, ceil(W/8), ceil(H/8), ceil(C/4), 256], each
+    256-block a (4 channels, 8 rows, 8 columns) tile, width blocks outermost."""
+    blocks = [-(-size // group) for size, group in ((width, TILE), (height, TILE), (channels, CHANNEL_GROUP))]
+    return [1, *blocks, CHANNEL_GROUP * TILE * TILE]
+
+
+def untile(tiled: np.ndarray, channels: int, height: int, width: int) -> np.ndarray:
+    """(N, 1, W/8, H/8, C/4, 256) as the op wrote it -> (N, C, H, W): the blocks put back in place and the padding
+    (the fourth channel, rows and columns beyond the image) cut off."""
+    n = tiled.shape[0]
+    _, wb, hb, cb, _ = tiled_shape(channels, height, width)
+    blocks = tiled.reshape(n, wb, hb, cb, CHANNEL_GROUP, TILE, TILE)  # (…, channel, row, column) in a tile
+    planes = blocks.transpose(0, 3, 4, 2, 5, 1, 6).reshape(n, cb * CHANNEL_GROUP, hb * TILE, wb * TILE)
+    return np.ascontiguousarray(planes[:, :channels, :height, :width])
 
 
 def normalization(preprocessing: dict) -> dict:
@@ -238,13 +259,13 @@ class Runtime:
             return Artifact(Path(self.model_prefix).resolve(), {**info, 'compiled': 'given'}, files=files)
         prefix = out_dir / 'deploy_weights' / config['name'] / 'mod'
         if self.compile:
-            self._compile(out_dir)
+            self.run_vamc(out_dir)
             missing = [f'{prefix}{s}' for s in ('.so', '.json', '.params') if not Path(f'{prefix}{s}').is_file()]
             if missing:
                 raise RuntimeError(f'vamc compile finished but did not write {missing[0]}')
         return Artifact(prefix, {**info, 'compiled': 'here' if self.compile else 'not yet'}, files=files)
 
-    def _compile(self, out_dir: Path) -> None:
+    def run_vamc(self, out_dir: Path) -> None:
         """`vamc compile vamc.yaml` in `out_dir`, its output streamed to ours."""
         process = subprocess.Popen([self.compiler, 'compile', 'vamc.yaml'], cwd=out_dir, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
@@ -294,8 +315,9 @@ class Runtime:
         from runtime.onnx import OrtSession
 
         preprocessing = artifact.info['preprocessing']
-        shape = [3, preprocessing['height'], preprocessing['width']]
-        return DevicePreprocessingSession(self._session(artifact, None, [shape], 'preprocess'), OrtSession(onnx_path))
+        shape = tiled_shape(3, preprocessing['height'], preprocessing['width'])
+        return DevicePreprocessingSession(self._session(artifact, None, [shape], 'preprocess'), OrtSession(onnx_path),
+                                          (3, preprocessing['height'], preprocessing['width']))
 
     def _session(self, artifact: Artifact, prefix: str | None, output_shapes: list, mode: str) -> VaccSession:
         device_id = self.device_id + int(os.environ.get('LOCAL_RANK', '0'))
@@ -424,7 +446,8 @@ class VaccSession:
         self.transfer_s = 0.0  # seconds the worker adds around them: placing images, messages, maps copied out
         self.images = 0
         self.worker = DeviceWorker(python, {'prefix': prefix, 'vdsp_params': vdsp_json, 'device_id': device_id,
-                                            'batch_size': batch_size, 'output_shapes': output_shapes, 'mode': mode},
+                                            'batch_size': batch_size, 'output_shapes': output_shapes, 'mode': mode,
+                                            'op_output_size': [preprocessing['width'], preprocessing['height']]},
                                    output_size=batch_size * sum(self.sizes) * 4)
 
     def run_paths(self, paths: list[str]) -> list[np.ndarray]:
@@ -466,18 +489,20 @@ class VaccSession:
 
 class DevicePreprocessingSession:
     """Image files -> raw maps through the card's VDSP op (a VaccSession in preprocess mode: the op's output
-    tensor read back) and ONNX Runtime fp32 on the host. Assumed, not verified on a card: the op writes the plain
-    (3, H, W) float16 tensor it is asked for (VastStreamX-Samples read a NORM_TENSOR op's output in a tiled
-    layout for one model, yolo_world_image.py)."""
+    tensor read back in the card's tiled fp16 layout, untiled here) and ONNX Runtime fp32 on the host."""
 
     reads = 'paths'
 
-    def __init__(self, device: VaccSession, host):
-        self.device, self.host = device, host
+    def __init__(self, device: VaccSession, host, shape: tuple[int, int, int]):
+        self.device, self.host, self.shape = device, host, shape
+
+    def tensors(self, paths: list[str]) -> np.ndarray:
+        """The op's output for each image as (N, C, H, W) float32."""
+        (tiled,) = self.device.run_paths(paths)
+        return untile(tiled, *self.shape)
 
     def run_paths(self, paths: list[str]) -> list[np.ndarray]:
-        (tensors,) = self.device.run_paths(paths)
-        return self.host.run(tensors)
+        return self.host.run(self.tensors(paths))
 
     def device_metas(self, metas: list[dict]) -> list[dict]:
         return self.device.device_metas(metas)

@@ -1,13 +1,15 @@
 """The device worker: runs VastAI's vaststreamx SDK in its own interpreter, for runtime=vacc.
 
-VastAI ships vaststreamx for Python 3.8 only, so this file is valid Python 3.8 and imports only the standard
-library, numpy and the SDK (tests check both). runtime/vacc.py starts it with `runtime.python`:
+VastAI builds each vaststreamx wheel for one Python (cp38 in VastStreamX-Samples' image, cp312 in
+xinference_vacc's), so this file is valid Python 3.8 to 3.12 and imports only the standard library, numpy and the
+SDK (tests check both). runtime/vacc.py starts it with `runtime.python`:
 
     python vacc_worker.py '<json settings>'
 
 Images come in and raw maps go out through two shared-memory files the parent created (never through the pipe);
 the pipes carry one JSON line per message. stdin: {"op": "run", "images": [[offset, width, height], ...]}
-(settings "mode": "preprocess" starts the VDSP op alone, no model: "run" then returns its output tensors),
+(settings "mode": "preprocess" starts the VDSP op alone, no model: "run" then returns its output tensors, in the
+card's tiled fp16 layout),
 {"op": "inputs", "path", "size"} (a larger input buffer) or {"op": "close"}. stdout: {"ready": ...} once the stream
 is built, then one reply per message: {"sdk_s", "dtype"}, {"ok": true} or {"error": "..."}. stderr is the
 parent's log (shown with a [vacc] prefix).
@@ -57,6 +59,9 @@ class Worker:
         self.fusion_op = vsx.Operator.load_ops_from_json_file(settings['vdsp_params'])[0]
         if self.preprocess_only:  # as VastStreamX-Samples run a fusion op by itself (yolo_world_image.py)
             self.fusion_op = self.fusion_op.cast_to_buildin_operator()
+            width, height = settings['op_output_size']
+            attr = vsx.AttrKey
+            self.fusion_op.set_attribute({attr.OIMAGE_WIDTH: width, attr.OIMAGE_HEIGHT: height})
         else:
             self.model = vsx.Model(settings['prefix'], self.batch_size)
             self.model_op = vsx.ModelOperator(self.model)
@@ -69,7 +74,8 @@ class Worker:
         self.outputs = mapped(settings['output_buffer'], settings['output_size'])
 
     def preprocess(self, images):
-        """The fusion op alone on each image, its output tensor read back (one per image, as `shapes` says)."""
+        """The fusion op alone on each image, its output tensor read back (one per image) in the tiled shape
+        `shapes` gives, as yolo_world_image.py asks for it."""
         vsx, attr = self.vsx, self.vsx.AttrKey
         tensors = []
         for image in images:

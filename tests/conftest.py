@@ -4,9 +4,11 @@ marker, put automatically on every test that builds a model, loads the weights o
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from integrations.config import ROOT, register_resolvers
 
 COCO128 = ROOT.parent / 'shared' / 'data' / 'coco128'
+EMULATION = ROOT / 'tests' / 'emulation'  # VastAI's SDK and compiler, emulated (tests/emulation/README.md)
 DEMO_IMAGES = ROOT / 'data' / 'demo' / 'images'
 
 register_resolvers()
@@ -167,3 +170,36 @@ def demo_subset(tmp_path_factory):
 def demo_subset_data(demo_subset) -> list[str]:
     """The overrides that evaluate `demo_subset`."""
     return ['data=coco', f'data.img_dir={DEMO_IMAGES}', f'data.ann_file={demo_subset}']
+
+
+@pytest.fixture
+def vamc(tmp_path) -> Path:
+    """A `vamc` executable that runs the fake compiler."""
+    path = tmp_path / 'bin' / 'vamc'
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {EMULATION / "vamc.py"} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+class SdkLog:
+    """The emulated SDK's calls, as the device worker made them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    def entries(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+    def calls(self, name: str | None = None) -> list[list]:
+        return [e['call'] for e in self.entries if name is None or e['call'][0] == name]
+
+
+@pytest.fixture
+def vsx(monkeypatch, vamc, tmp_path) -> SdkLog:
+    """The emulated SDK importable by the device worker and the fake vamc on PATH."""
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(EMULATION), os.environ.get('PYTHONPATH', '')]))
+    monkeypatch.setenv('PATH', f"{vamc.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv('VSX_EMULATION_LOG', str(tmp_path / 'vsx.log'))
+    return SdkLog(tmp_path / 'vsx.log')

@@ -22,6 +22,7 @@ TASKS = {
     'mlperf': (['task=mlperf', 'mlperf.mode=accuracy', 'eval.num_images=2'], 0),
     'npz': (['task=npz', 'eval.num_images=2'], 0),
     'cache': (['task=cache'], 0),
+    'check': (['task=check', 'runtime=vacc', 'precision=int8', 'precision.calibration.num_images=2'], 0),
 }
 
 
@@ -63,12 +64,16 @@ def comparable(task: str, result: dict) -> dict:
         return {k: result['mlperf'][k] for k in ('accuracy', 'native', 'samples', 'target', 'meets_target')}
     if task == 'npz':
         return {'num_images': result['num_images']}
+    if task == 'check':
+        return {step['name']: step['result'] for step in result['steps']}
     return {'entries': len(result['entries'])}
 
 
 @pytest.mark.parametrize('task', TASKS)
-def test_each_task_runs_in_each_engine_and_both_agree(task, spied, demo_subset_data, tmp_path):
+def test_each_task_runs_in_each_engine_and_both_agree(task, spied, demo_subset_data, tmp_path, request):
     options, loops = TASKS[task]
+    if task == 'check':
+        request.getfixturevalue('vsx')  # the emulated card
     results = {}
     for engine in ENGINES:
         before = {name: spied[name] for name in ENGINES}
@@ -78,7 +83,8 @@ def test_each_task_runs_in_each_engine_and_both_agree(task, spied, demo_subset_d
         assert ran == {engine: loops, other: 0}, (task, engine, ran)
         if task not in ('npz', 'cache'):
             assert spied['opened'][-1] == engine
-            written = tmp_path / engine / {'bench': 'bench.json', 'export': 'export.json'}.get(task, 'results.json')
-            assert json.loads(written.read_text())['engine'] == engine
+            files = {'bench': 'bench.json', 'export': 'export.json', 'check': 'check.json'}
+            written = json.loads((tmp_path / engine / files.get(task, 'results.json')).read_text())
+            assert written['engine'] == engine
     assert spied['opened'].count('mmengine') == spied['opened'].count('lightning')
     assert comparable(task, results['mmengine']) == comparable(task, results['lightning'])

@@ -19,9 +19,8 @@ from common.errors import UserError
 from integrations.app.checks import check_inputs
 from integrations.app.main import run
 from integrations.config import ROOT
-from tests.conftest import DEMO_IMAGES, coco128_subset, compose_cfg
+from tests.conftest import DEMO_IMAGES, EMULATION, coco128_subset, compose_cfg
 
-EMULATION = Path(__file__).parent / 'emulation'
 WORKER = ROOT / 'runtime' / 'vacc_worker.py'
 # the structure of the seeds' mmyolo_yolov5.yaml (int8) and vdsp_params JSON files
 SEED_YAML_KEYS = {'name': None, 'frontend': {'checkpoint', 'shape', 'type', 'dtype'},
@@ -31,46 +30,21 @@ SEED_VDSP_KEYS = {'IimageFormat', 'IimageWidth', 'IimageHeight', 'OimageWidth', 
                   'IimageHeightPitch', 'NormaType', 'ColorCvtCode', 'ResizeType'}
 
 
-@pytest.fixture
-def vamc(tmp_path) -> Path:
-    """A `vamc` executable that runs the fake compiler."""
-    path = tmp_path / 'bin' / 'vamc'
-    path.parent.mkdir()
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} {EMULATION / "vamc.py"} "$@"\n')
-    path.chmod(0o755)
-    return path
+# standard modules that Python 3.12 no longer has (PEP 594 and PEP 632 removals up to 3.12)
+REMOVED_BY_3_12 = {'asynchat', 'asyncore', 'distutils', 'imp', 'smtpd'}
 
 
-class SdkLog:
-    """The emulated SDK's calls, as the device worker made them."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @property
-    def entries(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
-
-    def calls(self, name: str | None = None) -> list[list]:
-        return [e['call'] for e in self.entries if name is None or e['call'][0] == name]
-
-
-@pytest.fixture
-def vsx(monkeypatch, vamc, tmp_path) -> SdkLog:
-    """The emulated SDK importable by the device worker and the fake vamc on PATH."""
-    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(EMULATION), os.environ.get('PYTHONPATH', '')]))
-    monkeypatch.setenv('PATH', f"{vamc.parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv('VSX_EMULATION_LOG', str(tmp_path / 'vsx.log'))
-    return SdkLog(tmp_path / 'vsx.log')
-
-
-def test_the_worker_is_python_3_8_and_imports_only_the_stdlib_numpy_and_the_sdk():
+def test_the_worker_is_python_3_8_to_3_12_and_imports_only_the_stdlib_numpy_and_the_sdk():
+    """VastAI's wheels are cp38 (VastStreamX-Samples' image) and cp312 (xinference_vacc's Dockerfiles): the worker
+    parses as 3.8 and as 3.12, needs nothing newer than 3.8 (vermin) and imports no module 3.12 removed."""
     source = WORKER.read_text()
     tree = ast.parse(source, feature_version=(3, 8))
+    ast.parse(source, feature_version=(3, 12))
     imported = {alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - set(sys.stdlib_module_names) == {'numpy', 'vaststreamx'}
+    assert not imported & REMOVED_BY_3_12
     checked = subprocess.run([str(Path(sys.executable).with_name('vermin')), '--no-tips', '--violations',
                               '--target=3.8-', str(WORKER)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -274,8 +248,62 @@ def test_odd_sized_images_give_boxes_in_original_pixels_and_txt_scores_as_eval_m
         for path, reported in (('device', result['device']), ('native', result['native'])):
             folder = Path(result['artifacts']['txt'][path])
             assert round(score_txt_folder(folder, ann), 3) == reported['bbox_mAP'], path
-            assert json.loads((folder / 'pred.json').read_text()) and \
-                result['artifacts']['pred_json'][path] == str(folder / 'pred.json')
+            beside = folder.with_name(f'{path}.pred.json')
+            assert json.loads(beside.read_text()) and result['artifacts']['pred_json'][path] == str(beside)
+
+
+def score_txt_folder_as_mlperf_eval_map(folder: Path, ann_file: Path) -> float:
+    """VastModelZOO's MLPerf eval_map.py (cv/detection/retinanet/source_code/mlcommons/), step for step: the image
+    found by `<txt stem>.jpg` among the ground truth's file_names, the category by its name, `x1 y1 x2 y2` turned
+    into `x1 y1 w h`, pycocotools with its default parameters; its bbox mAP."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(ann_file))
+    image_of = {image['file_name']: image['id'] for image in truth.dataset['images']}
+    category_of = {category['name']: category['id'] for category in truth.dataset['categories']}
+    results = []
+    for path in sorted(folder.glob('*.txt')):
+        image_id = image_of[path.name.replace('.txt', '.jpg')]
+        for line in path.read_text().splitlines():
+            parts = line.strip().split(' ')
+            x1, y1, x2, y2 = (float(v) for v in parts[-4:])
+            results.append({'image_id': image_id, 'category_id': category_of[' '.join(parts[:-5])],
+                            'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': float(parts[-5]), 'iscrowd': 0.0})
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation = COCOeval(truth, truth.loadRes(results), 'bbox')
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[0])
+
+
+def test_openimages_txt_files_score_as_the_mlperf_eval_map_reads_them(assets, coco128, tmp_path):
+    """RetinaNet on OpenImages-MLPerf-format data: the txt files name each image by its stem (the script adds .jpg)
+    and each class by its OpenImages name; scored as VastModelZOO's MLPerf eval_map.py scores them they give the
+    reported mAP. inloop's pred.json lies beside each folder, where the script's own pred.json cannot overwrite it."""
+    from evaluators.openimages_mlperf import convert
+
+    coco = json.loads((coco128 / 'instances.json').read_text())
+    names = {c['id']: c['name'] for c in coco['categories']}
+    images = [im for im in coco['images'] if any(a['image_id'] == im['id'] and names[a['category_id']] == 'bus'
+                                                 for a in coco['annotations'])][:2]  # 'Bus' exists in both spaces
+    kept = {image['id'] for image in images}
+    ann = tmp_path / 'openimages-mlperf.json'
+    ann.write_text(json.dumps(convert({**coco, 'images': images,
+                                       'annotations': [a for a in coco['annotations'] if a['image_id'] in kept]})))
+    result = run(compose_cfg('model=retinanet', 'data=openimages', f"data.img_dir={coco128 / 'images'}",
+                             f'data.ann_file={ann}', 'eval.save_txt=true', 'eval.compare_native=false',
+                             'eval.score_thr=0.0'), tmp_path / 'run')
+    folder = Path(result['artifacts']['txt']['device'])
+    assert sorted(p.suffix for p in folder.iterdir()) == ['.txt', '.txt']
+    assert score_txt_folder_as_mlperf_eval_map(folder, ann) == pytest.approx(result['device']['bbox_mAP'], abs=1e-9)
+    beside = Path(result['artifacts']['pred_json']['device'])
+    assert beside == folder.with_name('device.pred.json') and json.loads(beside.read_text())
 
 
 @pytest.mark.parametrize('kind', ['letterbox', 'resize'])
@@ -475,29 +503,73 @@ def test_explain_on_the_card_separates_its_preprocessing_from_its_numerics(vsx, 
     skipped = {s['stage']: s['why'] for s in result['explain']['skipped']}
     assert 'runtime=vacc' in skipped['numerics']
     executed = vsx.calls('execute')
-    assert len(executed) == result['num_images'] and all(c[2] == [[[3, 640, 640], 'FLOAT16']] for c in executed)
-    # each image's own size set on the op before it runs (the emulated op refuses another size)
-    sizes = [dict(c[1]) for c in vsx.calls('set_attribute')]
+    # the op's fp16 tensor asked for in the card's tiled layout, [1, W/8, H/8, ceil(3/4), 256]
+    assert len(executed) == result['num_images'] and all(c[2] == [[[1, 80, 80, 1, 256], 'FLOAT16']] for c in executed)
+    # its output size set once, then each image's own size before it runs (the emulated op refuses another size)
+    attributes = [dict(c[1]) for c in vsx.calls('set_attribute')]
+    assert attributes[0] == {'OimageHeight': 640, 'OimageWidth': 640}
+    sizes = [a for a in attributes if 'IimageWidth' in a]
     assert len(sizes) == len(executed) and all(s['IimageWidth'] % 2 == 0 for s in sizes)
     assert Path(result['artifacts']['report']).is_file()
 
 
-def test_the_emulated_fusion_op_alone_refuses_an_image_of_another_size(monkeypatch):
+def reference_tiling(tensor: np.ndarray) -> np.ndarray:
+    """(C, H, W) in the card's fp16 activation layout, written element by element from VastStreamX-Samples'
+    common/utils.py (get_activation_aligned): element (c, y, x) lands at [x // 8][y // 8][c // 4] of a
+    (W/8, H/8, C/4) grid of 256-blocks, at (c % 4) * 64 + (y % 8) * 8 + x % 8 inside its block; the rest is 0."""
+    channels, height, width = tensor.shape
+    wb, hb, cb = -(-width // 8), -(-height // 8), -(-channels // 4)
+    flat = np.zeros(wb * hb * cb * 256, tensor.dtype)
+    for c in range(channels):
+        for y in range(height):
+            for x in range(width):
+                flat[(((x // 8) * hb + y // 8) * cb + c // 4) * 256 + (c % 4) * 64 + (y % 8) * 8 + x % 8] = \
+                    tensor[c, y, x]
+    return flat.reshape(1, wb, hb, cb, 256)
+
+
+def test_the_cards_tiled_layout_is_untiled_and_emulated_as_the_samples_define_it(monkeypatch):
+    """The host's un-tiling and the emulated op's tiling both agree with an element-by-element reading of the
+    samples' layout, on a non-square size that is no multiple of the 8x8 tile."""
+    monkeypatch.syspath_prepend(str(EMULATION))
+    from vaststreamx import _tiled
+
+    from runtime.vacc import tiled_shape, untile
+
+    tensor = np.random.default_rng(0).standard_normal((3, 13, 21)).astype(np.float16)
+    reference = reference_tiling(tensor)
+    assert list(reference.shape) == tiled_shape(3, 13, 21) == [1, 3, 2, 1, 256]
+    np.testing.assert_array_equal(_tiled(tensor), reference)
+    np.testing.assert_array_equal(untile(reference[None], 3, 13, 21)[0], tensor)
+
+
+def test_the_emulated_fusion_op_alone_is_no_more_forgiving_than_the_sample(monkeypatch):
+    """Run by itself, the op takes its input size and its output size from its attributes and writes the tiled
+    layout: another image size, an unset output size and the plain (3, H, W) request are refused."""
     monkeypatch.syspath_prepend(str(EMULATION))
     import vaststreamx as vsx
 
-    from runtime.vacc import vdsp_params
+    from runtime.vacc import tiled_shape, untile, vdsp_params
 
     vsx.set_device(0)
     spec = vdsp_params({'kind': 'letterbox', 'height': 64, 'width': 64, 'mean': [0] * 3, 'std': [255] * 3},
                        'BILINEAR_CV')
     op = vsx.Operator(spec).cast_to_buildin_operator()
     image = vsx.create_image(np.zeros((3, 32, 48), np.uint8), vsx.ImageFormat.RGB_PLANAR, 48, 32, 0)
+    tiled = [(tiled_shape(3, 64, 64), vsx.TypeFlag.FLOAT16)]
     with pytest.raises(RuntimeError, match='48x32 image'):
-        op.execute(tensors=[image], output_info=[([3, 64, 64], vsx.TypeFlag.FLOAT16)])
+        op.execute(tensors=[image], output_info=tiled)
     op.set_attribute({vsx.AttrKey.IIMAGE_WIDTH: 48, vsx.AttrKey.IIMAGE_HEIGHT: 32})
-    (out,) = op.execute(tensors=[image], output_info=[([3, 64, 64], vsx.TypeFlag.FLOAT16)])
-    assert out.shape == (3, 64, 64) and out.dtype == np.float16
+    with pytest.raises(RuntimeError, match='output size is not set'):
+        op.execute(tensors=[image], output_info=tiled)
+    op.set_attribute({vsx.AttrKey.OIMAGE_WIDTH: 64, vsx.AttrKey.OIMAGE_HEIGHT: 64})
+    with pytest.raises(RuntimeError, match=r'output_info \[3, 64, 64\] FLOAT16, the op writes \[1, 8, 8, 1, 256\]'):
+        op.execute(tensors=[image], output_info=[([3, 64, 64], vsx.TypeFlag.FLOAT16)])
+    (out,) = op.execute(tensors=[image], output_info=tiled)
+    assert out.dtype == np.float16
+    plane = untile(out[None], 3, 64, 64)[0]  # the black 48x32 image letterboxed to 64x42, rows 11-52, grey around
+    assert plane.shape == (3, 64, 64) and np.all(plane[:, 11:53] == 0)
+    assert np.allclose(plane[:, :11], 114 / 255, atol=1e-3) and np.allclose(plane[:, 53:], 114 / 255, atol=1e-3)
 
 
 def test_max_drop_on_the_card_searches_on_onnx_and_writes_the_choice_beside_vamc_yaml(vsx, assets, coco128,
@@ -529,3 +601,58 @@ def test_max_drop_on_the_card_searches_on_onnx_and_writes_the_choice_beside_vamc
     assert yaml.safe_load((build / 'vamc.yaml').read_text()) == \
         yaml.safe_load(Path(plain['artifacts']['vamc_yaml']).read_text())
     assert not (build / 'onnx_int8_proxy').exists()
+
+
+CHECK = ['task=check', 'runtime=vacc', 'precision=int8', 'precision.calibration.num_images=2']
+CHECK_STEPS = ['sdk', 'set_device', 'vamc', 'compile_fp16', 'compile_int8', 'vdsp_op', 'raw_maps_fp16',
+               'raw_maps_int8', 'batch_4', 'odd_size', 'mixed_sizes', 'skip_conv_layers', 'throughput']
+
+
+def test_check_runs_every_step_and_passes_under_the_emulation(vsx, assets, demo_subset_data, tmp_path, capsys):
+    """task=check on the emulated card: every step runs and passes; the table and check.json say so; the op's
+    tensor is asked for tiled and its output size set; the numbering check builds one model per raw map."""
+    result = run(compose_cfg(*CHECK, *demo_subset_data), tmp_path / 'check')
+    assert [(s['name'], s['result']) for s in result['steps']] == [(name, 'PASS') for name in CHECK_STEPS]
+    assert json.loads((tmp_path / 'check' / 'check.json').read_text()) == json.loads(json.dumps(result))
+    printed = capsys.readouterr().out
+    assert all(f'{name:<18}PASS' in printed for name in CHECK_STEPS) and '13 PASS' in printed
+    steps = {s['name']: s for s in result['steps']}
+    assert steps['skip_conv_layers']['figures']['conv_indices'] == [46, 53, 59]  # YOLOv5s's three head convs
+    skip_yamls = sorted((tmp_path / 'check' / 'check').glob('int8_skip_*/vamc.yaml'))
+    assert len(skip_yamls) == 4 and all('skip_conv_layers' in yaml.safe_load(p.read_text())['backend']['quantize']
+                                        for p in skip_yamls)
+    assert all(c[2] == [[[1, 80, 80, 1, 256], 'FLOAT16']] for c in vsx.calls('execute'))
+    assert set(steps['vdsp_op']['figures']['by_kind']) == {'BILINEAR_CV', 'BILINEAR', 'BILINEAR_PILLOW', 'NEAREST',
+                                                           'BICUBIC_PILLOW'}
+    assert (tmp_path / 'check' / 'check' / 'throughput.txt').read_text().startswith('- number of instances: 1')
+
+
+@pytest.mark.parametrize('misbehaviour, reported', [
+    ('layout', {'vdsp_op': 'DIFF'}),                           # the op's tiles in another order
+    ('tile16', {'vdsp_op': 'FAIL'}),                           # another tile size: its output is not the shape asked
+    ('batch', {'batch_4': 'DIFF', 'mixed_sizes': 'DIFF'}),     # one run_sync of several images mixes them up
+    ('skip_numbering', {'skip_conv_layers': 'DIFF'}),          # vamc counts its conv layers from 1
+])
+def test_check_reports_each_way_a_card_can_differ(misbehaviour, reported, vsx, monkeypatch, assets,
+                                                   demo_subset_data, tmp_path):
+    monkeypatch.setenv('VSX_EMULATION_MISBEHAVE', misbehaviour)
+    result = run(compose_cfg(*CHECK, *demo_subset_data), tmp_path / 'check')
+    steps = {s['name']: s for s in result['steps']}
+    assert {name: steps[name]['result'] for name in reported} == reported
+    assert all(steps[name]['note'] for name in reported)  # why, in words
+    assert steps['sdk']['result'] == steps['compile_int8']['result'] == 'PASS'
+
+
+def test_check_without_the_sdk_reports_it_and_skips_what_needs_the_card(vamc, monkeypatch, demo_subset_data,
+                                                                        tmp_path):
+    monkeypatch.setenv('PATH', f"{vamc.parent}{os.pathsep}{os.environ['PATH']}")
+    result = run(compose_cfg(*CHECK, *demo_subset_data), tmp_path / 'check')
+    steps = {s['name']: s for s in result['steps']}
+    assert steps['sdk']['result'] == 'FAIL' and 'vaststreamx' in steps['sdk']['note']
+    assert steps['set_device']['result'] == 'SKIP' and steps['vdsp_op']['note'].startswith('needs')
+    assert steps['vamc']['result'] == 'PASS'
+
+
+def test_check_is_for_the_card():
+    with pytest.raises(UserError, match='task=check checks a VastAI card and its software: add runtime=vacc'):
+        check_inputs(compose_cfg('task=check'))

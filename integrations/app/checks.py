@@ -15,7 +15,7 @@ from integrations.config import plain
 from integrations.deploy.int8_search import check_precision_options
 
 OPSETS = (11, 20)
-ONE_PROCESS_TASKS = ('bench', 'mlperf')  # they time or drive one session: no distributed launch
+ONE_PROCESS_TASKS = ('bench', 'mlperf', 'check')  # they time or drive one session: no distributed launch
 
 
 class UnusableOutputDir(BaseException):
@@ -138,6 +138,8 @@ def check_inputs(cfg: DictConfig) -> int:
     """Ranges and rules across options (Hydra has checked every type), then the data: the number of images."""
     check_eval(cfg.eval)
     check_explain(cfg)
+    if cfg.task == 'check' and cfg.runtime.name != 'vacc':
+        raise UserError(f'task=check checks a VastAI card and its software: add runtime=vacc (not {cfg.runtime.name})')
     if cfg.task in ONE_PROCESS_TASKS and distributed(cfg.engine):
         raise UserError(f'task={cfg.task} runs in one process: remove the distributed engine options '
                         '(engine.launcher, engine.devices, engine.num_nodes)')

@@ -42,35 +42,38 @@ def _run(cfg: DictConfig, output_dir: str | Path | None) -> dict:
     if cfg.task == 'npz':
         from integrations.tasks.npz import run_npz
         return run_npz(cfg, output_dir)
+    if cfg.task == 'check':
+        from integrations.tasks.check import run_check
+        return written(output_dir / 'check.json', run_check(cfg, output_dir), printout.check_table)
     if cfg.task == 'export':
         from integrations.tasks.export import run_export
-        result = run_export(cfg, output_dir)
-        write_json_atomic(output_dir / 'export.json', result)
-        print(printout.export_lines(result, cfg.runtime.name))
-        return result
+        return written(output_dir / 'export.json', run_export(cfg, output_dir),
+                       lambda result: printout.export_lines(result, cfg.runtime.name))
     with host_threads(cfg):
         if cfg.task == 'bench':
             from integrations.tasks.bench import run_bench
-            result = run_bench(cfg, output_dir)
-            write_json_atomic(output_dir / 'bench.json', result)
-            print(printout.bench_line(result))
-            print(f"bench.json: {output_dir / 'bench.json'}")
-            return result
+            return written(output_dir / 'bench.json', run_bench(cfg, output_dir), printout.bench_line)
         if cfg.task == 'mlperf':
             from integrations.tasks.mlperf import run_mlperf
             block = run_mlperf(cfg, output_dir)
             result = {'model': cfg.model.family, 'variant': cfg.model.variant, 'runtime': cfg.runtime.name,
                       'precision': cfg.precision.name, 'engine': cfg.engine.name,
                       'checkpoint': cfg.model.checkpoint, 'weights': printout.weights_note(cfg), 'mlperf': block}
-            write_json_atomic(output_dir / 'results.json', result)
-            print(printout.mlperf_line(block, output_dir))
-            return result
+            return written(output_dir / 'results.json', result, lambda _: printout.mlperf_line(block, output_dir))
         from integrations.tasks.eval import run_eval
         outcome, explained = run_eval(cfg, output_dir)
     result = printout.eval_results(cfg, outcome, num_images, explained)
     if outcome.rank == 0:  # distributed: every rank has the gathered metrics, one writes them
         write_json_atomic(output_dir / 'results.json', result)
         print(printout.format_comparison(result), file=sys.stdout)
+    return result
+
+
+def written(path: Path, result: dict, summary) -> dict:
+    """`result` written to `path` (atomically), its `summary(result)` printed and where it went."""
+    write_json_atomic(path, result)
+    print(summary(result))
+    print(f'{path.name}: {path}')
     return result
 
 

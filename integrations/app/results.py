@@ -88,6 +88,20 @@ def mlperf_line(block: dict, output_dir) -> str:
             f"{block['samples']} samples{target} ({output_dir / 'mlperf_log_accuracy.json'})")
 
 
+def check_table(result: dict) -> str:
+    """task=check's one-screen table: each step's result and its main figures or why."""
+    def short(step: dict) -> str:
+        if step['note']:
+            return step['note']
+        shown = {k: v for k, v in step['figures'].items() if not isinstance(v, (dict, list))}
+        return ', '.join(f'{k} {v}' for k, v in shown.items())
+
+    lines = [f"{'step':<18}{'result':<8}figures / why"]
+    lines += [f"{step['name']:<18}{step['result']:<8}{short(step)[:94]}" for step in result['steps']]
+    lines.append(', '.join(f'{count} {name}' for name, count in result['counts'].items() if count))
+    return '\n'.join(lines)
+
+
 def export_lines(result: dict, runtime: str) -> str:
     """task=export's file list, and for a VACC build what to run on the card's machine."""
     lines = [f'{name:12s} {path}' for name, path in result['files'].items()]

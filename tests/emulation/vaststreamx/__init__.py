@@ -8,12 +8,16 @@ forgiving than VastAI's SDK in the ways its public code shows:
 - model outputs come back as float16, one list of tensors per image;
 - the fusion op run alone (`cast_to_buildin_operator().execute`, as VastStreamX-Samples' yolo_world_image.py
   does) reads the input size from its attributes, so an image of another size than `set_attribute` gave is
-  refused, and the output must be asked for as float16 of exactly the op's output size.
+  refused; its output size must have been set (`OIMAGE_WIDTH`/`OIMAGE_HEIGHT`, as the sample sets them), and the
+  output must be asked for as the card's tiled fp16 layout, `[1, ceil(W/8), ceil(H/8), ceil(C/4), 256]`
+  (common/utils.py's `get_activation_aligned_faster`): a plain (C, H, W) request is refused.
 
 Every call is recorded in `calls` and, when VSX_EMULATION_LOG names a file, appended to it as a JSON line with the
 process and thread (the SDK runs in the device worker process, so the tests read the calls from there).
 VSX_EMULATION_FAIL=card_error@N or crash@N makes the N-th run_sync raise, or the process die, as a broken card or
-driver would.
+driver would. VSX_EMULATION_MISBEHAVE makes it differ from what the tests hold a card to, in one named way, for the
+checks of task=check: `layout` (the op's tiles in height-block-first order), `tile16` (16x16 tiles) or `batch`
+(a run_sync over several images returns their outputs rotated by one).
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ class ImageFormat:
 class AttrKey:
     IIMAGE_WIDTH = 'IimageWidth'
     IIMAGE_HEIGHT = 'IimageHeight'
+    OIMAGE_WIDTH = 'OimageWidth'
+    OIMAGE_HEIGHT = 'OimageHeight'
     IIMAGE_WIDTH_PITCH = 'IimageWidthPitch'
     IIMAGE_HEIGHT_PITCH = 'IimageHeightPitch'
 
@@ -122,15 +128,35 @@ class Operator:
         return BuildInOperator(self.spec)
 
 
+def _misbehaving(way: str) -> bool:
+    return os.environ.get('VSX_EMULATION_MISBEHAVE') == way
+
+
+def _tiled(tensor: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> the card's layout [1, W/8, H/8, C/4, 256], zero-padded: element (c, y, x) at tile
+    (x // 8, y // 8, c // 4), position (c % 4) * 64 + (y % 8) * 8 + x % 8 (VastStreamX-Samples common/utils.py)."""
+    tile = 16 if _misbehaving('tile16') else 8
+    channels, height, width = tensor.shape
+    wb, hb, cb = -(-width // tile), -(-height // tile), -(-channels // 4)
+    out = np.zeros((wb, hb, cb, 4 * tile * tile), tensor.dtype)
+    c, y, x = np.indices(tensor.shape)
+    blocks = (y // tile, x // tile) if _misbehaving('layout') else (x // tile, y // tile)
+    out[(*blocks, c // 4, (c % 4) * tile * tile + (y % tile) * tile + x % tile)] = tensor
+    return out[None]
+
+
 class BuildInOperator:
-    """The fusion op run by itself: its input size comes from its attributes (the JSON's until set)."""
+    """The fusion op run by itself: its input size comes from its attributes (the JSON's until set); its output
+    size must be set, as the sample does."""
 
     def __init__(self, spec: dict):
         self.spec = json.loads(json.dumps(spec))
+        self.output_size_set = False
 
     def set_attribute(self, attributes: dict) -> None:
         _record('set_attribute', sorted(attributes.items()))
         self.spec['OpConfig'].update(attributes)
+        self.output_size_set |= {AttrKey.OIMAGE_WIDTH, AttrKey.OIMAGE_HEIGHT} <= set(attributes)
 
     def execute(self, tensors: list[Image], output_info: list) -> list[np.ndarray]:
         _on_device('execute')
@@ -140,11 +166,13 @@ class BuildInOperator:
         if (image.width, image.height) != (config['IimageWidth'], config['IimageHeight']):
             raise RuntimeError(f"execute: a {image.width}x{image.height} image, the op's attributes say "
                                f"{config['IimageWidth']}x{config['IimageHeight']}")
-        out = FusionOp(self.spec)(image.data)
+        if not self.output_size_set:
+            raise RuntimeError('execute: the output size is not set (set_attribute OIMAGE_WIDTH, OIMAGE_HEIGHT)')
+        out = _tiled(FusionOp(self.spec)(image.data))
         (shape, flag), = output_info
-        if flag != TypeFlag.FLOAT16 or int(np.prod(shape)) != out.size:
-            raise RuntimeError(f'execute: output_info {shape} {flag}, the op writes {list(out.shape)} FLOAT16')
-        return [out.reshape(shape)]
+        if flag != TypeFlag.FLOAT16 or list(shape) != list(out.shape):
+            raise RuntimeError(f'execute: output_info {list(shape)} {flag}, the op writes {list(out.shape)} FLOAT16')
+        return [out]
 
 
 class ModelOperator:
@@ -218,7 +246,7 @@ class Stream:
             tensor = fusion(image.data)[None].astype(np.float32)
             outputs = session.run(None, {session.get_inputs()[0].name: tensor})
             results.append([o.astype(np.float16) for o in outputs])
-        return results
+        return results[1:] + results[:1] if _misbehaving('batch') else results
 
 
 def as_numpy(tensor: np.ndarray) -> np.ndarray:
