@@ -73,7 +73,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         with cut_head(model):
-            export_onnx(RawMapGraph(model), torch.rand(1, 3, 640, 640), out / 'model.onnx', 'raw_map')
+            export_onnx(RawMapGraph(model), torch.rand(1, 3, 640, 640), out / 'model.onnx',
+                        [f'raw_map_{i}' for i in range(3)])
         sessions = {}  # (name, instances) -> that many sessions of one build
         for i, (name, cfg) in enumerate(configs.items()):
             precision = cfg['precision']

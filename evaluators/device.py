@@ -18,21 +18,28 @@ def compare_maps(reference: list, candidate: list) -> dict:
         ref = np.asarray(ref, np.float64).reshape(ref.shape[0], -1)
         cand = np.asarray(cand, np.float64).reshape(cand.shape[0], -1)
         max_abs = max(max_abs, float(np.abs(ref - cand).max()))
-        cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+        # a map of zeros (an untrained head's can be 1e-10) is as close as it is: cosine 1 when both are zero
+        cos = np.where(norms > 0, (ref * cand).sum(1) / np.where(norms > 0, norms, 1), (ref == cand).all(1) * 1.0)
         min_cos = min(min_cos, float(cos.min()))
     return {'max_abs_diff': max_abs, 'min_cosine': min_cos}
 
 
 class NativeTaps:
     """Forward hooks on the native model's raw-map modules: the native forward of a batch leaves its raw maps
-    here, so the device's maps are compared without a second forward pass."""
+    here, so the device's maps are compared without a second forward pass. A module whose output nests tensors
+    (a head's kinds of levels) leaves them flattened, kind by kind, as the export orders them."""
 
     def __init__(self, modules=()):
         self.maps: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._record) for m in modules]
 
     def _record(self, module, args, output) -> None:
-        self.maps.append(output.detach())
+        if isinstance(output, (list, tuple)):
+            for part in output:
+                self._record(module, args, part)
+        else:
+            self.maps.append(output.detach())
 
     def take(self) -> list[np.ndarray]:
         maps, self.maps = [m.numpy() for m in self.maps], []

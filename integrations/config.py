@@ -208,7 +208,8 @@ class ModelConf:
     config: str = MISSING
     checkpoint: Optional[str] = MISSING
     trust_checkpoint: bool = MISSING
-    init_seed: Optional[int] = None  # RetinaNet without a checkpoint: the seed of its random weights
+    init_seed: Optional[int] = None  # without a checkpoint: the seed of the random weights
+    input_size: Optional[list[int]] = None  # model=mm: [H, W] of the fixed export shape (null: the config's own)
 
 
 @dataclass
@@ -345,7 +346,7 @@ def group_option(group: str, option: str):
 def register_resolvers() -> None:
     """The schemas in Hydra's ConfigStore, and the resolvers: `${inloop.root:rel/path}`, a path under the project
     root wherever the command is run from; `${inloop.yolov5_variant:${model.config}}`, the variant a YOLOv5
-    config builds."""
+    config builds; `${inloop.config_name:${model.config}}`, a config file's name."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
@@ -356,3 +357,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver('inloop.root', lambda rel='': str(ROOT / rel))
     if not OmegaConf.has_resolver('inloop.yolov5_variant'):
         OmegaConf.register_new_resolver('inloop.yolov5_variant', yolov5_variant)
+    if not OmegaConf.has_resolver('inloop.config_name'):
+        OmegaConf.register_new_resolver('inloop.config_name', lambda config: Path(str(config).split('::')[-1]).stem)

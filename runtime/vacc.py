@@ -113,41 +113,52 @@ def untile(tiled: np.ndarray, channels: int, height: int, width: int) -> np.ndar
 
 
 def normalization(preprocessing: dict) -> dict:
-    """VDSP normalization of the family's mean/std (pixel units): DIV255 when it is x/255, otherwise
-    DIV255_MINUSMEAN_DIVSTD with mean/std in 0..1 units."""
-    mean = [m / 255 for m in preprocessing['mean']]
-    std = [s / 255 for s in preprocessing['std']]
+    """The VDSP normalization of the family's mean/std (pixel units), by the names VastModelZOO's JSONs use: EQUAL
+    (no normalization: mmyolo-yolox_s), DIV255 (x/255: YOLOv5), MINUSMEAN_DIVSTD in pixel units (std 1:
+    mmdet-yolof), else DIV255_MINUSMEAN_DIVSTD with mean/std in 0..1 units (ImageNet: RetinaNet)."""
+    mean, std = list(preprocessing['mean']), list(preprocessing['std'])
     if not any(mean) and all(abs(s - 1) < 1e-9 for s in std):
+        return {'NormaType': 'EQUAL'}
+    if not any(mean) and all(abs(s - 255) < 1e-6 for s in std):
         return {'NormaType': 'DIV255'}
-    return {'Mean': mean, 'Std': std, 'NormaType': 'DIV255_MINUSMEAN_DIVSTD'}
+    if all(abs(s - 1) < 1e-9 for s in std):
+        return {'Mean': mean, 'Std': std, 'NormaType': 'MINUSMEAN_DIVSTD'}
+    return {'Mean': [m / 255 for m in mean], 'Std': [s / 255 for s in std], 'NormaType': 'DIV255_MINUSMEAN_DIVSTD'}
+
+
+def color_code(preprocessing: dict) -> str:
+    """The op takes planar RGB: a model that takes BGR (preprocessing `channels`) needs the channels swapped."""
+    return 'RGB2BGR' if preprocessing.get('channels') == 'bgr' else 'NO_CHANGE'
 
 
 def vdsp_params(preprocessing: dict, resize_type: str) -> dict:
-    """The VDSP fusion op: planar RGB in, the exported input tensor out (letterbox or plain resize, then
-    normalization), as the seeds' vdsp_params JSON files describe it."""
+    """The VDSP fusion op: planar RGB in, the exported input tensor out (letterbox or plain resize, the channel
+    order, then normalization), as the seeds' vdsp_params JSON files describe it."""
     height, width = preprocessing['height'], preprocessing['width']
     config = {'IimageFormat': 'RGB_PLANAR', 'IimageWidth': width, 'IimageHeight': height,
               'OimageWidth': width, 'OimageHeight': height, 'IimageWidthPitch': width,
-              'IimageHeightPitch': height, **normalization(preprocessing), 'ColorCvtCode': 'NO_CHANGE',
+              'IimageHeightPitch': height, **normalization(preprocessing), 'ColorCvtCode': color_code(preprocessing),
               'ResizeType': resize_type}
     return {'OpType': LETTERBOX_OP if preprocessing['kind'] == 'letterbox' else RESIZE_OP, 'OpConfig': config}
 
 
 def process_ops(preprocessing: dict) -> list[dict]:
-    """vamc's calibration preprocessing (dataset.process_ops), the same steps as the evaluation's."""
+    """vamc's calibration preprocessing (dataset.process_ops), the same steps as the evaluation's (the key names
+    VastModelZOO's YAMLs use: mmdet_yolof.yaml's CvtColor, mmyolo_yolox.yaml's Normalize without div255)."""
     height, width = preprocessing['height'], preprocessing['width']
     norm = normalization(preprocessing)
-    normalize = {'type': 'Normalize', 'div255': True}
-    if norm['NormaType'] == 'DIV255':
-        normalize['norm_type'] = None
-    else:
+    normalize = {'type': 'Normalize', 'div255': norm['NormaType'].startswith('DIV255')}
+    if 'Mean' in norm:
         normalize.update(mean=norm['Mean'], std=norm['Std'])
+    else:
+        normalize['norm_type'] = None
     if preprocessing['kind'] == 'letterbox':
         resize = [{'type': 'Resize', 'size': [max(height, width), -1], 'adaptive_side': 'long'},
                   {'type': 'Pad', 'pad_to_square': True}]
     else:
         resize = [{'type': 'Resize', 'size': [height, width]}]
-    return [{'type': 'DecodeImage'}, *resize, normalize, {'type': 'ToTensor'}]
+    color = [{'type': 'CvtColor', 'code': 'COLOR_RGB2BGR'}] if color_code(preprocessing) == 'RGB2BGR' else []
+    return [{'type': 'DecodeImage'}, *color, *resize, normalize, {'type': 'ToTensor'}]
 
 
 class Runtime:

@@ -21,6 +21,7 @@ def instantiate(group: str, cfg, tmp_path):
 
     if group == 'model':
         family, mm_cfg = get_family(cfg.model.family), load_model_config(cfg.model.config)
+        family.prepare_config(mm_cfg, plain(cfg.eval), cfg.model)
         return family.LABEL_SPACE, family.input_shape(mm_cfg)
     if group == 'precision':
         return get_runtime('onnx', precision=plain(cfg.precision)).precision['name']
@@ -46,7 +47,7 @@ def instantiate(group: str, cfg, tmp_path):
 
 
 INSTANTIATED = {('model', 'retinanet'): ('openimages_mlperf', (3, 800, 800)),
-                ('model', 'yolov5'): ('coco', (3, 640, 640)),
+                ('model', 'yolov5'): ('coco', (3, 640, 640)), ('model', 'mm'): ('coco', (3, 640, 640)),
                 ('precision', 'fp16'): 'fp16', ('precision', 'fp32'): 'fp32', ('precision', 'int8'): 'int8',
                 ('runtime', 'npz'): 'npz', ('runtime', 'onnx'): 'onnx', ('runtime', 'vacc'): 'vacc',
                 ('data', 'coco'): 13, ('data', 'demo'): 13, ('data', 'openimages'): 13,

@@ -25,7 +25,7 @@ def test_onnx_export_matches_pytorch_and_keeps_eval_mode(yolov5s, tmp_path):
     sample = torch.rand(2, 3, 640, 640)
     with cut_head(yolov5s):
         graph = RawMapGraph(yolov5s)
-        spec = export_onnx(graph, sample[:1], tmp_path / 'm.onnx', 'raw_map')
+        spec = export_onnx(graph, sample[:1], tmp_path / 'm.onnx', [f'raw_map_{i}' for i in range(3)])
         assert not any(m.training for m in yolov5s.modules())  # the exporter restored eval mode
         with torch.no_grad():
             expected = [m.numpy() for m in graph(sample)]
@@ -58,7 +58,7 @@ def test_an_export_that_differs_from_pytorch_is_one_error_line(yolov5s, tmp_path
 
     monkeypatch.setattr(build, 'OrtSession', Shifted)
     with pytest.raises(UserError, match=r'the ONNX export differs from PyTorch by 0\.01.*export\.simplify=false'):
-        build.build_artifacts(yolov5s, get_family('yolov5'), (3, 320, 320), tmp_path,
+        build.build_artifacts(yolov5s, get_family('yolov5'), torch.rand(1, 3, 320, 320), tmp_path,
                               {'opset': 13, 'simplify': False, 'torchscript': False}, runtime=None, reference=None,
                               calibration=None, keep_float=[], equalize=[], preprocessing=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']

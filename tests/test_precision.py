@@ -26,7 +26,8 @@ def exported(yolov5s, assets, tmp_path_factory):
 
     out = tmp_path_factory.mktemp('precision')
     with cut_head(yolov5s):
-        export_onnx(RawMapGraph(yolov5s), torch.rand(1, 3, 640, 640), out / 'model.onnx', 'raw_map')
+        export_onnx(RawMapGraph(yolov5s), torch.rand(1, 3, 640, 640), out / 'model.onnx',
+                    [f'raw_map_{i}' for i in range(3)])
     preprocess = loop_preprocessing(load_model_config(assets.YOLOV5S_CONFIG), yolov5s)
     image = preprocess(DEMO_IMAGES / 'bus.jpg')
     fp32 = get_runtime('onnx', precision={'name': 'fp32'})

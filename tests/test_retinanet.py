@@ -121,7 +121,8 @@ def test_device_detections_equal_native_at_800(model, mm_cfg, tmp_path):
     with torch.no_grad():
         native = model.predict(batch['inputs'], batch['data_samples'])
     with cut_head(model):
-        export_onnx(RawMapGraph(model), torch.rand(1, 3, 800, 800), tmp_path / 'model.onnx', 'raw_map')
+        export_onnx(RawMapGraph(model), torch.rand(1, 3, 800, 800), tmp_path / 'model.onnx',
+                    [f'raw_map_{i}' for i in range(10)])
     maps = OrtSession(tmp_path / 'model.onnx').run(batch['inputs'].numpy())
     device = RetinaNetDecoder(model, (3, 800, 800))([torch.from_numpy(m) for m in maps],
                                                     [s.metainfo for s in batch['data_samples']])

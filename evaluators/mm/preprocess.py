@@ -18,6 +18,7 @@ import math
 import cv2
 import numpy as np
 import torch
+from mmcv.transforms import BaseTransform
 from mmdet.datasets.transforms import PackDetInputs
 from mmdet.registry import TRANSFORMS
 
@@ -37,6 +38,16 @@ class PackDetInputsFast(PackDetInputs):
         packed = super().transform({k: v for k, v in results.items() if k != 'img'})
         packed['inputs'] = torch.from_numpy(chw)
         return packed
+
+
+@TRANSFORMS.register_module()
+class ZeroBorder(BaseTransform):
+    """`border` set to none: CenterNet's head takes its test crop's border off its boxes, and a fixed-shape
+    pipeline that pads at the bottom and right (integrations/models/mm.py) leaves none."""
+
+    def transform(self, results: dict) -> dict:
+        results['border'] = np.zeros(4, np.float32)  # top, bottom, left, right
+        return results
 
 
 def fast_packing(pipeline: list) -> list:

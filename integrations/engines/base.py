@@ -24,6 +24,19 @@ def unreadable_images_as_user_errors():
         raise
 
 
+def load_weights(model, plan: Plan) -> None:
+    """The tested weights: the checkpoint (loaded safely), or without one the random initialization drawn with
+    `model.init_seed`, the same in every engine and process; then the family's deploy form (fused blocks)."""
+    from integrations.deploy.checkpoint import load_checkpoint
+    from integrations.models import build_model, get_family
+
+    if plan.checkpoint:
+        load_checkpoint(model, plan.checkpoint, plan.trust_checkpoint)
+    elif plan.init_seed is not None:
+        model.load_state_dict(build_model(plan.mm_cfg, seed=plan.init_seed).state_dict())
+    get_family(plan.build['family']).prepare_model(model)
+
+
 @dataclass
 class Outcome:
     """One test loop: the metrics (device/…, native/…, reference/…), DeviceBuild's report, the seconds of the test

@@ -45,6 +45,7 @@ class Plan:
     engine: dict
     checkpoint: str | None
     trust_checkpoint: bool
+    init_seed: int | None
     work_dir: Path
 
 
@@ -67,10 +68,8 @@ def make_plan(cfg: DictConfig, output_dir: Path, export_dir: Path, compare_nativ
     # for the dataset and the metric alike: the first eval.num_images images, without segmentation
     dataset.ann_file = str(evaluated_annotations(Path(cfg.data.ann_file).resolve(), cfg.eval.get('num_images'),
                                                  output_dir))
-    family.prepare_config(mm_cfg, cfg.eval)
+    family.prepare_config(mm_cfg, cfg.eval, cfg.model)
     dataset.pipeline = fast_packing(dataset.pipeline)
-    if cfg.model.get('init_seed') is not None and not cfg.model.checkpoint:
-        mm_cfg.model.init_seed = cfg.model.init_seed  # random weights, reproducibly
 
     metrics = mm_cfg.test_evaluator
     metrics = [streamed(m) for m in (metrics if isinstance(metrics, (list, tuple)) else [metrics])]
@@ -97,7 +96,8 @@ def make_plan(cfg: DictConfig, output_dir: Path, export_dir: Path, compare_nativ
     return Plan(mm_cfg=mm_cfg, build=build, evaluator=evaluator,
                 loop=LoopOptions(native=compare_native, prefetch=cfg.eval.prefetch, overlap=cfg.eval.overlap),
                 engine=plain(cfg.engine), checkpoint=cfg.model.checkpoint,
-                trust_checkpoint=cfg.model.trust_checkpoint, work_dir=output_dir / 'mmengine')
+                trust_checkpoint=cfg.model.trust_checkpoint, init_seed=cfg.model.get('init_seed'),
+                work_dir=output_dir / 'mmengine')
 
 
 def reference_precision(cfg: DictConfig) -> str | None:
@@ -117,7 +117,7 @@ def own_decode_config(cfg: DictConfig, mm_cfg) -> dict | None:
     if all(cfg.eval.get(option) is None for option in DECODE_OPTIONS):
         return None
     own = load_model_config(cfg.model.config)
-    get_family(cfg.model.family).prepare_config(own, dict.fromkeys(DECODE_OPTIONS))
+    get_family(cfg.model.family).prepare_config(own, dict.fromkeys(DECODE_OPTIONS), cfg.model)
     if own.model.get('test_cfg') == mm_cfg.model.get('test_cfg'):
         return None
     return {'model': own.model.to_dict(), 'default_scope': own.get('default_scope', 'mmyolo')}

@@ -1,9 +1,10 @@
 """Model families, one module each (`integrations.models.<family>`, named by `model.family`: conf/model/), and
 the detector of any mmdet/mmyolo config, built from its config file.
 
-A family module has: `prepare_config(mm_cfg, eval)`, `input_shape(mm_cfg)`, `cut_head(model)` (a context manager
-that makes `model._forward` return the raw maps), `raw_map_modules(model)`, `build_decoder(model, shape)`,
-`device_preprocessing(mm_cfg)`, `shape_note`, `OUTPUT_PREFIX` and `LABEL_SPACE` (docs/ARCHITECTURE.md).
+A family module has: `prepare_config(mm_cfg, eval, model)`, `input_shape(mm_cfg)`, `prepare_model(model)`,
+`cut_head(model)` (a context manager that makes `model._forward` return the raw maps), `output_names(model,
+group_sizes)`, `tap_modules(model)`, `raw_map_modules(model)`, `build_decoder(model, shape)`,
+`device_preprocessing(mm_cfg)`, `SHAPE_NOTE` and `LABEL_SPACE` (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -44,13 +45,32 @@ def load_model_config(config: str):
     return cfg
 
 
-def build_model(mm_cfg):
-    """The detector of an mmyolo/mmdet config (in the config's default scope) in eval mode, with its initial
-    weights (integrations/deploy/checkpoint.py loads a checkpoint into it)."""
+def build_model(mm_cfg, seed: int | None = None):
+    """The detector of an mmyolo/mmdet config (in the config's default scope) in eval mode. With a seed, its
+    weights are the config's own random initialization (`init_weights`), drawn after `torch.manual_seed(seed)`;
+    integrations/deploy/checkpoint.py loads a checkpoint into it."""
+    import torch
     from mmengine.registry import MODELS, DefaultScope
     from mmyolo.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope(mm_cfg.get('default_scope', 'mmyolo')):
-        model = MODELS.build(copy.deepcopy(mm_cfg.model))  # detectors write test_cfg into their heads' configs
+    with DefaultScope.overwrite_default_scope(mm_cfg.get('default_scope', 'mmyolo')), torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        # a copy, as detectors write test_cfg into their heads' configs; nothing is downloaded at run time
+        model = MODELS.build(without_pretrained(copy.deepcopy(mm_cfg.model)))
+        if seed is not None:
+            model.init_weights()  # the config's own initialization (init_cfg: e.g. the classifier's prior bias)
     return model.eval()
+
+
+def without_pretrained(cfg):
+    """The model config without `init_cfg=dict(type='Pretrained', …)` at any depth: those fetch weights from the
+    network (torchvision://, open-mmlab://, https://) when the model initializes."""
+    if isinstance(cfg, dict):
+        kept = {k: without_pretrained(v) for k, v in cfg.items()
+                if not (k == 'init_cfg' and isinstance(v, dict) and v.get('type') == 'Pretrained')}
+        return type(cfg)(kept)
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(without_pretrained(v) for v in cfg)
+    return cfg

@@ -11,7 +11,6 @@ from mmengine.structures import InstanceData
 
 from evaluators.decode.retinanet import RetinaNetDecoder, level_anchors, postprocess
 
-OUTPUT_PREFIX = 'raw_map'
 LABEL_SPACE = 'openimages_mlperf'  # how labels index the annotation file's categories (the metric's rule)
 SHAPE_NOTE = "plain resize to the fixed input size for native and device, as MLPerf's preprocessing does"
 ANCHOR_BASES = (32, 64, 128, 256, 512)
@@ -107,8 +106,9 @@ class MLPerfRetinaNet(BaseDetector):
 
 # ---- family interface (see integrations/models/__init__.py)
 
-def prepare_config(mm_cfg, eval_cfg) -> None:
-    """The eval thresholds that are set replace the reference's post-processing settings."""
+def prepare_config(mm_cfg, eval_cfg, model_cfg=None) -> None:
+    """The eval thresholds that are set replace the reference's post-processing settings; without a checkpoint
+    the weights are drawn with `model.init_seed`."""
     from common.errors import UserError
     from evaluators.openimages_mlperf import CLASSES
 
@@ -121,6 +121,8 @@ def prepare_config(mm_cfg, eval_cfg) -> None:
                         ('max_per_img', 'detections_per_img'), ('nms_pre', 'topk_candidates')):
         if eval_cfg.get(option) is not None:
             test_cfg[key] = eval_cfg[option]
+    if model_cfg is not None and model_cfg.get('init_seed') is not None and not model_cfg.get('checkpoint'):
+        mm_cfg.model.init_seed = model_cfg.init_seed  # random weights, reproducibly
 
 
 def input_shape(mm_cfg) -> tuple[int, int, int]:
@@ -142,6 +144,17 @@ def device_preprocessing(mm_cfg) -> dict:
 def raw_map_modules(model) -> list:
     """The final convs of the two heads; each runs once per level, classification levels first."""
     return [model.head.classification_head.cls_logits, model.head.regression_head.bbox_reg]
+
+
+tap_modules = raw_map_modules  # their outputs, in call order, are the raw maps in export order
+
+
+def output_names(model, group_sizes: list[int]) -> list[str]:
+    return [f'raw_map_{i}' for i in range(sum(group_sizes))]
+
+
+def prepare_model(model) -> None:
+    """Nothing to fuse (FrozenBatchNorm stays as the reference has it)."""
 
 
 @contextmanager

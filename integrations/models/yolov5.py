@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-OUTPUT_PREFIX = 'raw_map'
 LABEL_SPACE = 'coco'  # how labels index the annotation file's categories (the metric's rule)
 SHAPE_NOTE = "fixed-shape letterbox for native and device (the config's batch_shapes_cfg is off)"
 
 
-def prepare_config(mm_cfg, eval_cfg) -> None:
+def prepare_config(mm_cfg, eval_cfg, model_cfg=None) -> None:
     """Make the model config's test setup match a fixed-shape export.
 
     The config's `batch_shapes_cfg` letterboxes each batch to its own rectangle, which a static export cannot
@@ -53,6 +52,17 @@ def device_preprocessing(mm_cfg) -> dict:
 def raw_map_modules(model) -> list:
     """Modules whose outputs are the raw maps: the head's final 1x1 convs, one per level."""
     return list(model.bbox_head.head_module.convs_pred)
+
+
+tap_modules = raw_map_modules  # their outputs, in call order, are the raw maps in export order
+
+
+def output_names(model, group_sizes: list[int]) -> list[str]:
+    return [f'raw_map_{i}' for i in range(sum(group_sizes))]
+
+
+def prepare_model(model) -> None:
+    """Nothing to fuse: YOLOv5 has no reparameterizable blocks."""
 
 
 @contextmanager

@@ -13,6 +13,7 @@ COCOeval records (evaluators/breakdown.py).
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -22,19 +23,20 @@ from common.errors import UserError
 
 
 def config_pipeline_pass(cfg: DictConfig, engine, ann_file: Path):
-    """The native model under its config's own test pipeline and post-processing, as the framework's test would
-    score it, in the engine's own test loop: (the metric holding its records, None) or (None, why the stage does
-    not apply)."""
+    """The native model under its config's own test pipeline (YOLO's rectangular batch shapes, mmdet's keep-ratio
+    resize) and post-processing, as the framework's test would score it, in the engine's own test loop: (the metric
+    holding its records, None) or (None, why the stage does not apply)."""
     from integrations.engines.plan import DECODE_OPTIONS, streamed
     from integrations.models import get_family, load_model_config
 
     own = load_model_config(cfg.model.config)
     dataset_cfg = own.test_dataloader.dataset
-    shapes = dataset_cfg.get('batch_shapes_cfg')
-    if not shapes:
+    shapes, pipeline = dataset_cfg.get('batch_shapes_cfg'), copy.deepcopy(dataset_cfg.pipeline)
+    # the family's own post-processing settings and label space; its pipeline and batch shapes put back after
+    get_family(cfg.model.family).prepare_config(own, dict.fromkeys(DECODE_OPTIONS), cfg.model)
+    if not shapes and list(dataset_cfg.pipeline) == list(pipeline):
         return None, "the config's test pipeline already is the fixed export shape"
-    get_family(cfg.model.family).prepare_config(own, dict.fromkeys(DECODE_OPTIONS))
-    dataset_cfg.batch_shapes_cfg = shapes
+    dataset_cfg.pipeline, dataset_cfg.batch_shapes_cfg = pipeline, shapes
     dataset_cfg.data_root = ''
     dataset_cfg.ann_file = str(ann_file)
     dataset_cfg.data_prefix = dict(img=str(Path(cfg.data.img_dir).resolve()) + '/')

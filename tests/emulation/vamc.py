@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 CALIBRATE_MODES = {'max', 'kl_divergence', 'percentile', 'mse'}
-PROCESS_OPS = {'DecodeImage', 'Resize', 'Pad', 'Normalize', 'ToTensor'}
+PROCESS_OPS = {'DecodeImage', 'CvtColor', 'Resize', 'Pad', 'Normalize', 'ToTensor'}
 
 
 def fail(message: str) -> None:

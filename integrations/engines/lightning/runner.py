@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from common.errors import UserError
-from integrations.engines.base import EngineRun, unreadable_images_as_user_errors
+from integrations.engines.base import EngineRun, load_weights, unreadable_images_as_user_errors
 from integrations.engines.plan import LoopOptions, Plan
 
 
@@ -31,7 +31,6 @@ class Run(EngineRun):
     def __init__(self, plan: Plan):
         from mmengine.logging import MMLogger
 
-        from integrations.deploy.checkpoint import load_checkpoint
         from integrations.engines.lightning.callbacks import DeviceEvalCallback, ExportCallback
         from integrations.engines.lightning.modules import MMDataModule
         from integrations.models import build_model
@@ -40,8 +39,7 @@ class Run(EngineRun):
         self.mm_cfg = plan.mm_cfg
         MMLogger.get_instance('inloop-lightning', log_level=plan.engine['log_level'])  # the metrics' log level
         self.model = build_model(self.mm_cfg)
-        if plan.checkpoint:
-            load_checkpoint(self.model, plan.checkpoint, plan.trust_checkpoint)
+        load_weights(self.model, plan)
         data = MMDataModule(self.mm_cfg)
         data.setup('test')
         self.dataset = data.dataset
@@ -81,9 +79,10 @@ class Run(EngineRun):
 
         from integrations.engines.lightning.callbacks import EvaluatorCallback
         from integrations.engines.lightning.modules import DetectorModule, MMDataModule
-        from integrations.models import build_model
+        from integrations.models import build_model, get_family
 
         native = build_model(mm_cfg)
+        get_family(self.plan.build['family']).prepare_model(native)
         native.load_state_dict(self.model.state_dict())
         with DefaultScope.overwrite_default_scope(mm_cfg.get('default_scope', 'mmyolo')):
             evaluation = EvaluatorCallback(Evaluator(metrics))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from integrations.engines.base import EngineRun, unreadable_images_as_user_errors
+from integrations.engines.base import EngineRun, load_weights, unreadable_images_as_user_errors
 from integrations.engines.plan import LoopOptions, Plan
 
 CUSTOM_IMPORTS = ['integrations.engines.mmengine.hooks', 'integrations.engines.mmengine.loop',
@@ -34,13 +34,12 @@ def runner_config(mm_cfg, engine: dict, work_dir: Path, hooks: list, test_evalua
     return mm_cfg
 
 
-def build_runner(mm_cfg, engine: dict, checkpoint: str | None = None, trusted: bool = False, state_dict=None):
-    """The EvalRunner of a config made by `runner_config`, with a checkpoint (or a state dict) loaded safely."""
+def build_runner(mm_cfg, engine: dict, prepare=None, state_dict=None):
+    """The EvalRunner of a config made by `runner_config`; `prepare(model)` then runs on its model, and a state
+    dict is loaded into it."""
     from mmengine.registry import RUNNERS
     from mmengine.utils import import_modules_from_strings
     from mmyolo.utils import register_all_modules
-
-    from integrations.deploy.checkpoint import load_checkpoint
 
     register_all_modules(init_default_scope=True)
     import_modules_from_strings(CUSTOM_IMPORTS)  # registers EvalRunner, ExportHook, DeviceEvaluator, …
@@ -51,8 +50,8 @@ def build_runner(mm_cfg, engine: dict, checkpoint: str | None = None, trusted: b
         if not dist.is_initialized():
             dist.init_process_group(backend='gloo')
     runner = RUNNERS.build(mm_cfg)
-    if checkpoint:
-        load_checkpoint(runner.model, checkpoint, trusted)
+    if prepare is not None:
+        prepare(runner.model)
     if state_dict is not None:
         runner.model.load_state_dict(state_dict)
     return runner
@@ -77,7 +76,7 @@ class Run(EngineRun):
                                test_evaluator=dict(type='DeviceEvaluator', **plan.evaluator),
                                test_cfg=dict(type='DeviceTestLoop', native=plan.loop.native,
                                              prefetch=plan.loop.prefetch))
-        self.runner = build_runner(mm_cfg, plan.engine, plan.checkpoint, plan.trust_checkpoint)
+        self.runner = build_runner(mm_cfg, plan.engine, prepare=lambda model: load_weights(model, plan))
         self.mm_cfg = self.runner.cfg
         model = self.runner.model
         self.model = model.module if is_model_wrapper(model) else model
@@ -102,11 +101,14 @@ class Run(EngineRun):
         return metrics, hook_of(self.runner, 'ExportHook').report, progress.loop_s, progress.load_s
 
     def native_pass(self, mm_cfg, metrics: list):
+        from integrations.models import get_family
+
         engine = {**self.plan.engine, 'launcher': 'none'}
         config = runner_config(mm_cfg, engine, self.plan.work_dir / 'native_config', hooks=[],
                                test_evaluator=metrics, test_cfg=dict(type='TestLoop'))
         config.experiment_name = f'native_config_{id(config)}'  # beside this run's own logger and visualizer
-        runner = build_runner(config, engine, state_dict=self.model.state_dict())
+        runner = build_runner(config, engine, prepare=get_family(self.plan.build['family']).prepare_model,
+                              state_dict=self.model.state_dict())
         with unreadable_images_as_user_errors():
             try:
                 runner.test()

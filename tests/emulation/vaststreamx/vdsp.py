@@ -45,9 +45,11 @@ class FusionOp:
             image = image[..., ::-1]
         elif code != 'NO_CHANGE':
             raise ValueError(f'emulation does not implement ColorCvtCode {code}')
-        x = image.astype(np.float32) / 255
-        if c['NormaType'] == 'DIV255_MINUSMEAN_DIVSTD':
+        x = image.astype(np.float32)
+        if c['NormaType'].startswith('DIV255'):
+            x = x / 255
+        if c['NormaType'] in ('DIV255_MINUSMEAN_DIVSTD', 'MINUSMEAN_DIVSTD'):
             x = (x - np.asarray(c['Mean'], np.float32)) / np.asarray(c['Std'], np.float32)
-        elif c['NormaType'] != 'DIV255':
+        elif c['NormaType'] not in ('DIV255', 'EQUAL'):
             raise ValueError(f"emulation does not implement NormaType {c['NormaType']}")
         return x.transpose(2, 0, 1).astype(np.float16)
