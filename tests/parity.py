@@ -2,6 +2,8 @@
 compared box for box."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 
@@ -40,7 +42,7 @@ def differences(native: dict, device: dict, tolerance: float = 1e-4) -> int:
     ONNX Runtime may change (real images have flat areas, and there an untrained model scores alike)."""
     def rows(side):
         keys = [(int(label), round(float(score) / tolerance)) for label, score in zip(side['labels'], side['scores'])]
-        counts = {key: keys.count(key) for key in keys}
+        counts = Counter(keys)
         return sorted(keys), {key: box for key, box in zip(keys, side['bboxes']) if counts[key] == 1}
 
     if len(native['scores']) != len(device['scores']):
