@@ -44,7 +44,7 @@ WRONG_TYPES = [
     ('engine.log_level=LOUD', "engine.log_level=LOUD: Invalid value 'LOUD', expected one of [DEBUG, INFO"),
     ('engine=lightning engine.num_nodes=two', "engine.num_nodes=two: Value 'two' of type 'str' could not be"),
     ('eval.scor_thr=0.1', "Could not override 'eval.scor_thr'"),
-    ('model=nope', "Could not find 'model/nope' (available: retinanet, yolov5)"),
+    ('model=nope', "Could not find 'model/nope' (available: mm, retinanet, yolov5)"),
 ]
 
 
