@@ -91,6 +91,11 @@ class ResizeType(StrEnum):  # the VDSP op's ResizeType values VastModelZOO and V
     BICUBIC_PILLOW = 'BICUBIC_PILLOW'
 
 
+class PerformanceHint(StrEnum):  # OpenVINO's ov::hint::PerformanceMode
+    LATENCY = 'LATENCY'
+    THROUGHPUT = 'THROUGHPUT'
+
+
 class Launcher(StrEnum):  # mmengine's launchers
     none = 'none'
     pytorch = 'pytorch'
@@ -257,6 +262,14 @@ class OnnxConf:
 
 
 @dataclass
+class OpenVinoConf:
+    name: str = MISSING
+    device: str = MISSING
+    threads: int = MISSING
+    performance_hint: PerformanceHint = MISSING
+
+
+@dataclass
 class VdspConf:
     resize_type: Optional[ResizeType] = MISSING
     even_size: bool = MISSING
@@ -319,7 +332,7 @@ SCHEMAS = {
     'schema': {'config': InloopConf},
     'schema/model': {'model': ModelConf},
     'schema/precision': {'precision': PrecisionConf, 'int8': Int8Conf},
-    'schema/runtime': {'onnx': OnnxConf, 'vacc': VaccConf, 'npz': NpzConf},
+    'schema/runtime': {'onnx': OnnxConf, 'openvino': OpenVinoConf, 'vacc': VaccConf, 'npz': NpzConf},
     'schema/data': {'data': DataConf, 'demo': DemoDataConf},
     'schema/engine': {'mmengine': MMEngineConf, 'lightning': LightningConf},
 }

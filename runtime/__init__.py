@@ -3,7 +3,8 @@
 A Runtime turns an exported ONNX file into a runnable `Artifact` (`build`) and opens it (`load`) as a Session
 whose `run(batch)` maps a float32 NCHW batch to the list of raw maps, in the export's output order. A runtime
 that preprocesses on the device (VACC's VDSP op, vamp's outputs) has a Session with `reads = 'paths'` and
-`run_paths(image_paths)` instead: it takes the original images.
+`run_paths(image_paths)` instead: it takes the original images. A Session that can say what the device actually
+runs (OpenVINO's compiled precisions) has `report()`, added to results.json's `precision`.
 """
 from dataclasses import dataclass, field
 from importlib import import_module

@@ -141,6 +141,28 @@ def make_batch(assets, yolov5s):
     return make
 
 
+@pytest.fixture(scope='session')
+def exported(yolov5s, assets, tmp_path_factory):
+    """The YOLOv5s raw-map export (one for the session), a real image preprocessed as the test loop does, and
+    its fp32 raw maps on ONNX Runtime."""
+    import torch
+
+    from integrations.deploy.graph import RawMapGraph, export_onnx
+    from integrations.deploy.pipeline import loop_preprocessing
+    from integrations.models import load_model_config
+    from integrations.models.yolov5 import cut_head
+    from runtime import get_runtime
+
+    out = tmp_path_factory.mktemp('export')
+    with cut_head(yolov5s):
+        export_onnx(RawMapGraph(yolov5s), torch.rand(1, 3, 640, 640), out / 'model.onnx',
+                    [f'raw_map_{i}' for i in range(3)])
+    preprocess = loop_preprocessing(load_model_config(assets.YOLOV5S_CONFIG), yolov5s)
+    image = preprocess(DEMO_IMAGES / 'bus.jpg')
+    fp32 = get_runtime('onnx', precision={'name': 'fp32'})
+    return out, preprocess, image, fp32.load(fp32.build(out / 'model.onnx', out)).run(image)
+
+
 def coco128_subset(coco128: Path, start: int, stop: int, path: Path) -> Path:
     """A COCO file of coco128's images [start:stop] and their annotations (a selection set, say)."""
     import json

@@ -49,7 +49,8 @@ def instantiate(group: str, cfg, tmp_path):
 INSTANTIATED = {('model', 'retinanet'): ('openimages_mlperf', (3, 800, 800)),
                 ('model', 'yolov5'): ('coco', (3, 640, 640)), ('model', 'mm'): ('coco', (3, 640, 640)),
                 ('precision', 'fp16'): 'fp16', ('precision', 'fp32'): 'fp32', ('precision', 'int8'): 'int8',
-                ('runtime', 'npz'): 'npz', ('runtime', 'onnx'): 'onnx', ('runtime', 'vacc'): 'vacc',
+                ('runtime', 'npz'): 'npz', ('runtime', 'onnx'): 'onnx', ('runtime', 'openvino'): 'openvino',
+                ('runtime', 'vacc'): 'vacc',
                 ('data', 'coco'): 13, ('data', 'demo'): 13, ('data', 'openimages'): 13,
                 ('engine', 'lightning'): 'Trainer', ('engine', 'mmengine'): ('EvalRunner', 'none')}
 

@@ -3,35 +3,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from common.errors import UserError
 from evaluators.device import compare_maps
 from integrations.app.main import run
-from integrations.deploy.graph import RawMapGraph, export_onnx
-from integrations.deploy.pipeline import loop_preprocessing
-from integrations.models.yolov5 import cut_head
 from runtime import get_runtime
 from runtime.calibration import CalibrationReader
 from tests.conftest import DEMO_IMAGES, compose_cfg
 
 INT8 = dict(name='int8', calibration=dict(method='max', percentile=99.999, num_images=2, seed=0, data=''),
             per_channel=True, format='qdq', activation_symmetric=False, raw_map_convs='float', exclude=[])
-
-
-@pytest.fixture(scope='module')
-def exported(yolov5s, assets, tmp_path_factory):
-    """The YOLOv5s export, a real image preprocessed as the test loop does, and its fp32 raw maps."""
-    from integrations.models import load_model_config
-
-    out = tmp_path_factory.mktemp('precision')
-    with cut_head(yolov5s):
-        export_onnx(RawMapGraph(yolov5s), torch.rand(1, 3, 640, 640), out / 'model.onnx',
-                    [f'raw_map_{i}' for i in range(3)])
-    preprocess = loop_preprocessing(load_model_config(assets.YOLOV5S_CONFIG), yolov5s)
-    image = preprocess(DEMO_IMAGES / 'bus.jpg')
-    fp32 = get_runtime('onnx', precision={'name': 'fp32'})
-    return out, preprocess, image, fp32.load(fp32.build(out / 'model.onnx', out)).run(image)
 
 
 RAW_MAP_CONVS = [f'bbox_head.head_module.convs_pred.{i}' for i in range(3)]

@@ -101,7 +101,8 @@ class DeviceBuild:
         return {'layers_report': layers, 'input_shape': [*shape], 'io': built['io'],
                 'export_check': built['export_check'], 'build_dir': str(entry), 'artifacts': artifacts,
                 'timings': timings, 'cache': cache_state,
-                'precision': {**built['device']['info'], **self.calibration_info},
+                'precision': {**built['device']['info'], **self.calibration_info,
+                              **getattr(sessions['device'], 'report', dict)()},
                 'runtime_version': runtime.version()}
 
     def build(self, model, mm_cfg, dataset) -> tuple[Path, dict, str, object, object]:

@@ -100,9 +100,13 @@ def make_plan(cfg: DictConfig, output_dir: Path, export_dir: Path, compare_nativ
                 work_dir=output_dir / 'mmengine')
 
 
+FP32_RUNTIMES = ('onnx', 'openvino')  # the runtimes that also build the export at fp32 (explain's numerics stage)
+
+
 def reference_precision(cfg: DictConfig) -> str | None:
-    """The reference precision evaluated in the loop: with explain on ONNX Runtime, fp32 (the numerics stage)."""
-    if not cfg.eval.explain or cfg.runtime.name != 'onnx' or cfg.precision.name == 'fp32':
+    """The reference precision evaluated in the loop: with explain on a runtime that builds fp32, fp32 (the
+    numerics stage)."""
+    if not cfg.eval.explain or cfg.runtime.name not in FP32_RUNTIMES or cfg.precision.name == 'fp32':
         return cfg.eval.reference
     if cfg.eval.reference not in (None, 'fp32'):
         raise UserError(f'eval.reference={cfg.eval.reference}: eval.explain evaluates fp32 beside the device for its '
