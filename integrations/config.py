@@ -150,6 +150,7 @@ class BenchConf:
     warmup: int = MISSING
     iterations: int = MISSING
     replay_latency_ms: Optional[float] = MISSING
+    profile: bool = MISSING
 
 
 @dataclass

@@ -431,3 +431,38 @@ class Runtime:
 
     def load(self, artifact: Artifact) -> OrtSession:
         return OrtSession(artifact.path, self.intra_op_threads, self.allow_spinning)
+
+    def profile(self, artifact: Artifact, batch: np.ndarray, iterations: int) -> list[dict]:
+        """Each node's mean kernel time per call over `iterations` calls on `batch`, from ONNX Runtime's profiler
+        (its `<node>_kernel_time` events), with the operator that ran it and the type of its first input
+        (bench.profile)."""
+        import json
+        import tempfile
+
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix='inloop-profile-') as tmp:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.intra_op_threads
+            options.add_session_config_entry('session.intra_op.allow_spinning', '1' if self.allow_spinning else '0')
+            options.enable_profiling = True
+            options.profile_file_prefix = f'{tmp}/ort'
+            session = ort.InferenceSession(str(artifact.path), options, providers=['CPUExecutionProvider'])
+            feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch, np.float32)}
+            for _ in range(iterations + 1):  # the first call is a warm-up, left out below
+                session.run(None, feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        nodes: dict = {}
+        calls: Counter = Counter()
+        for event in events:
+            if event.get('cat') != 'Node' or not event['name'].endswith('_kernel_time'):
+                continue
+            name, args = event['name'].removesuffix('_kernel_time'), event['args']
+            calls[name] += 1
+            if calls[name] == 1:  # the warm-up call
+                inputs = args.get('input_type_shape') or [{'': None}]
+                nodes[name] = {'node': name, 'layer_type': args.get('op_name', ''),
+                               'kernel': args.get('provider', ''), 'precision': next(iter(inputs[0])), 'ms': 0.0}
+            else:
+                nodes[name]['ms'] += event['dur'] / 1000 / iterations
+        return list(nodes.values())

@@ -84,7 +84,8 @@ def runtime_layers(compiled) -> list[dict]:
     layers = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        layers.append({'operations': [n for n in info['originalLayersNames'].astype(str).split(',') if n],
+        layers.append({'name': op.get_friendly_name(),
+                       'operations': [n for n in info['originalLayersNames'].astype(str).split(',') if n],
                        'layer_type': info['layerType'].astype(str), 'precision': info['runtimePrecision'].astype(str),
                        'kernel': info['primitiveType'].astype(str)})
     return layers
@@ -240,3 +241,24 @@ class Runtime:
 
     def load(self, artifact: Artifact) -> OpenVinoSession:
         return OpenVinoSession(artifact.path, self.device, self.compile_config())
+
+    def profile(self, artifact: Artifact, batch: np.ndarray, iterations: int) -> list[dict]:
+        """Each layer OpenVINO's performance counters report, in their order, with its mean time per call over
+        `iterations` calls on `batch`, its status, type, the kernel that ran and its runtime precision
+        (bench.profile). Layers done in place (a Reshape, a Concat written into its output) have no counter."""
+        session = OpenVinoSession(artifact.path, self.device, {**self.compile_config(), 'PERF_COUNT': True})
+        session.run(batch)  # warm-up: the first call's counters include one-time work
+        seconds = None  # per counter, in the counters' order (a name may come twice: a FakeQuantize's two parts)
+        for _ in range(iterations):
+            session.run(batch)
+            times = np.array([counter.real_time.total_seconds() for counter in session.request.profiling_info])
+            seconds = times if seconds is None else seconds + times
+        runtime = {layer['name']: layer for layer in session.layers()}
+        rows = []
+        for counter, total in zip(session.request.profiling_info, seconds):
+            layer = runtime.get(counter.node_name, {})
+            rows.append({'node': counter.node_name, 'operations': layer.get('operations', []),
+                         'layer_type': counter.node_type, 'kernel': counter.exec_type,
+                         'precision': layer.get('precision', 'n/a'), 'status': counter.status.name,
+                         'ms': 1000 * float(total) / iterations})
+        return rows

@@ -119,6 +119,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, case):
     ('export.opset=30', r'export.opset=30: use 11-20'),
     ('export.opset=7', r'export.opset=7: use 11-20'),
     ('runtime.intra_op_threads=-1', r'runtime.intra_op_threads=-1: must be >= 0'),
+    ('runtime=openvino runtime.threads=-1', r'runtime.threads=-1: must be >= 0'),
+    ('task=bench bench.profile=true runtime=vacc precision=fp16', r"bench.profile reads the runtime's own profiler: "
+     'runtime=onnx or openvino, not vacc'),
 ])
 def test_bad_options_fail_before_the_run(override, message):
     with pytest.raises(UserError, match=message):

@@ -158,3 +158,40 @@ def test_a_sweep_over_both_runtimes_compares_them(demo_subset_data, tmp_path):
         rows = list(csv.DictReader(f))
     assert [row['overrides'].split()[0] for row in rows] == ['runtime=onnx', 'runtime=openvino']
     assert all(abs(float(row['device_mAP']) - float(row['native_mAP'])) <= 0.001 for row in rows), rows
+
+
+def test_the_profile_has_every_executed_layer_and_shows_the_float_convs(exported, tmp_path):
+    """bench.profile on OpenVINO: one row per layer of the runtime model, from its performance counters, the
+    raw-map convs (kept in float) in f32 and the other convolutions in int8 kernels."""
+    from integrations.tasks.bench import profile_summary
+
+    artifact, session, _ = _built(exported, tmp_path, _int8(), keep_float=RAW_MAP_CONVS)
+    runtime = get_runtime('openvino', precision=_int8())
+    layers = runtime.profile(artifact, exported[2], 2)
+    executed = [layer for layer in session.layers() if layer['layer_type'] == 'Convolution']
+    assert {row['node'] for row in layers} >= {layer['name'] for layer in executed} and len(executed) == 60
+    assert len(layers) == len(session.request.profiling_info)
+    summary = profile_summary(layers, artifact.info)
+    assert summary['total_ms'] > 0 and abs(sum(row['share'] for row in summary['layers']) - 1) < 1e-3
+    assert [row['ran_in'] for row in summary['planned_float']] == ['f32'] * 6
+    convolutions = [row for row in layers if row['layer_type'] == 'Convolution']
+    assert sorted({row['precision'] for row in convolutions}) == ['f32', 'u8'] and all(
+        row['kernel'].endswith('f32') == (row['precision'] == 'f32') for row in convolutions)
+
+
+def test_the_onnx_runtime_profile_has_every_node_it_ran(exported, tmp_path):
+    """bench.profile on ONNX Runtime: one row per node of the graph ONNX Runtime optimized and ran (the graph it
+    writes with optimized_model_filepath), with the operator and its input type."""
+    import onnx
+    import onnxruntime as ort
+
+    out = exported[0]
+    runtime = get_runtime('onnx', precision={'name': 'fp32'})
+    artifact = runtime.build(out / 'model.onnx', tmp_path)
+    layers = runtime.profile(artifact, exported[2], 2)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    ort.InferenceSession(str(artifact.path), options, providers=['CPUExecutionProvider'])
+    ran = {node.name for node in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node}
+    assert {row['node'] for row in layers} == ran
+    assert {row['precision'] for row in layers if row['layer_type'] == 'Conv'} == {'float'}

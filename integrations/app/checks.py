@@ -103,6 +103,9 @@ def check_eval(options: DictConfig) -> None:
         raise UserError(f'eval.nms_iou={options.nms_iou}: must be an IoU in (0, 1], or null for the model\'s own')
 
 
+PROFILE_RUNTIMES = ('onnx', 'openvino')  # the runtimes with a `profile` (bench.profile)
+
+
 def check_bench(bench: DictConfig) -> None:
     """task=bench's ranges, checked before anything is exported or built."""
     for option in ('batch_sizes', 'instances'):
@@ -151,6 +154,9 @@ def check_inputs(cfg: DictConfig) -> int:
                         'range that both model families export at)')
     if cfg.task == 'bench':
         check_bench(cfg.bench)
+        if cfg.bench.profile and cfg.runtime.name not in PROFILE_RUNTIMES:
+            raise UserError(f"bench.profile reads the runtime's own profiler: runtime={' or '.join(PROFILE_RUNTIMES)}"
+                            f', not {cfg.runtime.name}; remove the option')
     if cfg.task == 'mlperf':
         check_mlperf(cfg.mlperf)
     for option in ('img_dir', 'ann_file'):

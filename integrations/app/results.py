@@ -59,6 +59,9 @@ def eval_results(cfg: DictConfig, outcome, num_images: int, explained: dict | No
     return results
 
 
+INT8_PRECISIONS = ('u8', 'i8', 'uint8', 'int8')  # OpenVINO's runtime precisions, ONNX Runtime's input types
+
+
 def bench_line(result: dict) -> str:
     """task=bench's summary line (the vamp-style blocks are printed as they come)."""
     e = result['evaluation']
@@ -68,6 +71,16 @@ def bench_line(result: dict) -> str:
             f"{e['bare_images_per_s']:.2f} images/s), "
             f"host {e['host_ms_per_image']:.1f} ms/image (" +
             ', '.join(f'{k} {v:.1f}' for k, v in e['host_ms_per_image_by_stage'].items()) + ')')
+    if 'profile' in result:
+        profile = result['profile']
+        types = ', '.join(f'{k} {v:.1f}' for k, v in list(profile['by_layer_type_ms'].items())[:6])
+        precisions = ', '.join(f'{k} {v:.1f}' for k, v in profile['by_precision_ms'].items())
+        line += (f"\nprofile: {profile['total_ms']:.1f} ms per call; by layer type {types}; by precision "
+                 f'{precisions} (ms); slowest layers:')
+        line += ''.join(f"\n  {row['ms']:7.3f} ms {row['share']:6.1%}  {row['precision']:<6} {row['layer_type']:<16} "
+                        f"{row['kernel']:<28} {row['node']}" for row in profile['top'])
+        if kept := [row['node'] for row in profile['planned_float'] if row['ran_in'] in INT8_PRECISIONS]:
+            line += f"\nmeant to stay in float but ran in int8: {', '.join(kept)}"
     if 'replay' in result:
         line += (f"\nreplayed runtime at {result['replay']['latency_ms']} ms: "
                  f"{result['replay']['images_per_s']:.1f} images/s end to end")

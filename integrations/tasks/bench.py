@@ -182,6 +182,10 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
     else:
         result['single_stream_p90_latency_us'] = bare['e2e_latency_us']['p90']
 
+    if bench.profile:
+        result['profile'] = profile_summary(runtime.profile(artifact, one_by_one[0], bench.iterations),
+                                            built['precision'])
+
     if bench.replay_latency_ms is not None:
         run = session.run_paths if reads_paths else session.run
         recorded = [run(image) for image in images]
@@ -195,6 +199,32 @@ def run_bench(cfg: DictConfig, output_dir: Path) -> dict:
                             'images_per_s_passes': passes}
     getattr(session, 'close', lambda: None)()
     return result
+
+
+PROFILE_TOP = 10  # layers printed by time
+
+
+def profile_summary(layers: list[dict], precision: dict) -> dict:
+    """bench.profile's figures: every layer (as the runtime's profiler reports it) with its share of the total,
+    the time by layer type and by precision, the slowest layers, and the layers the build meant to keep in float
+    (int8's `float_nodes` or `excluded_nodes`) with the precision each actually ran in."""
+    total = sum(layer['ms'] for layer in layers) or 1.0
+    rows = [{**layer, 'ms': round(layer['ms'], 4), 'share': round(layer['ms'] / total, 4)} for layer in layers]
+
+    def by(key: str) -> dict:
+        sums: dict = {}
+        for layer in layers:
+            sums[layer[key]] = sums.get(layer[key], 0.0) + layer['ms']
+        return {k: round(v, 3) for k, v in sorted(sums.items(), key=lambda item: -item[1])}
+
+    planned = precision.get('ignored_scope') or precision.get('excluded_nodes') or []
+    ran = {}
+    for layer in layers:
+        for name in layer.get('operations', [layer['node']]):
+            ran[name] = layer['precision']
+    return {'total_ms': round(total, 3), 'layers': rows, 'by_layer_type_ms': by('layer_type'),
+            'by_precision_ms': by('precision'), 'top': sorted(rows, key=lambda r: -r['ms'])[:PROFILE_TOP],
+            'planned_float': [{'node': name, 'ran_in': ran.get(name)} for name in planned]}
 
 
 def worker_counts(sessions: list) -> tuple[float, int] | None:
