@@ -250,6 +250,15 @@ def test_the_raw_map_convs_are_found_from_the_graph(kind, expected):
     assert sorted(names[id(m)] for m in mm.raw_map_modules(model)) == sorted(expected)
 
 
+def test_random_initialization_leaves_the_output_readable(capfd):
+    """mmengine's init_weights logs every parameter's initializer; without a log file that floods the console."""
+    from integrations.models import build_model, load_model_config
+
+    build_model(load_model_config(CONFIGS['retinanet_r50']), seed=0)
+    printed = ''.join(capfd.readouterr())
+    assert 'torch.Size' not in printed and 'Init' not in printed, printed[:500]
+
+
 FEATURES = {
     'fp16': ['precision=fp16'],
     'int8 max_drop and layers_report': ['precision=int8', 'precision.calibration.num_images=1',

@@ -8,7 +8,9 @@ group_sizes)`, `tap_modules(model)`, `raw_map_modules(model)`, `build_decoder(mo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from importlib import import_module
 from pathlib import Path
 
@@ -59,9 +61,25 @@ def build_model(mm_cfg, seed: int | None = None):
             torch.manual_seed(seed)
         # a copy, as detectors write test_cfg into their heads' configs; nothing is downloaded at run time
         model = MODELS.build(without_pretrained(copy.deepcopy(mm_cfg.model)))
-        if seed is not None:
-            model.init_weights()  # the config's own initialization (init_cfg: e.g. the classifier's prior bias)
+        if seed is not None:  # the config's own initialization (init_cfg: e.g. the classifier's prior bias)
+            with quiet_init_log():
+                model.init_weights()
     return model.eval()
+
+
+@contextlib.contextmanager
+def quiet_init_log():
+    """mmengine's init_weights logs every parameter's initializer (thousands of lines) at INFO when no log file
+    takes them: kept at WARNING for the call. A runner's log file still gets them."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def without_pretrained(cfg):
