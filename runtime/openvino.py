@@ -129,13 +129,20 @@ class OpenVinoSession:
         return runtime_layers(self.compiled)
 
     def report(self) -> dict:
-        """What the device runs, read back from the compiled model: the precision of its floating-point layers
-        and how many of its convolutions ran in each precision."""
+        """What the device runs, read back from the compiled model: the device(s) it runs on, the precision of its
+        floating-point layers and how many of its convolutions ran in each precision."""
         convolutions = Counter(layer['precision'] for layer in self.layers()
                                if layer['layer_type'] == 'Convolution')
-        return {'device': self.device,
-                'inference_precision': self.compiled.get_property('INFERENCE_PRECISION_HINT').to_string(),
+        return {'device': self.device, 'execution_devices': list(self.compiled.get_property('EXECUTION_DEVICES')),
+                'inference_precision': self.inference_precision(),
                 'convolutions_by_precision': dict(sorted(convolutions.items()))}
+
+    def inference_precision(self) -> str | None:
+        """The compiled model's INFERENCE_PRECISION_HINT; None where it does not say (AUTO's compiled model)."""
+        try:
+            return self.compiled.get_property('INFERENCE_PRECISION_HINT').to_string()
+        except RuntimeError:
+            return None
 
 
 class Runtime:
@@ -179,8 +186,8 @@ class Runtime:
                   'INFERENCE_PRECISION_HINT': 'f16' if self.precision['name'] == 'fp16' else 'f32'}
         if self.threads:
             config['INFERENCE_NUM_THREADS'] = self.threads
-        if self.device == 'AUTO' or self.precision['name'] == 'fp16' and not self._supports_f16():
-            del config['INFERENCE_PRECISION_HINT']
+        if self.precision['name'] == 'fp16' and self.device != 'AUTO' and not self._supports_f16():
+            del config['INFERENCE_PRECISION_HINT']  # AUTO hands the hint on to the device it picks
         return config
 
     def _supports_f16(self) -> bool:

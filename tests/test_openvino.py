@@ -28,9 +28,9 @@ def _by_operation(session) -> dict[str, dict]:
     return {name: layer for layer in session.layers() for name in layer['operations']}
 
 
-def _built(exported, tmp_path, precision: dict, **build):
+def _built(exported, tmp_path, precision: dict, device: str = 'CPU', **build):
     out, preprocess, image, _ = exported
-    runtime = get_runtime('openvino', precision=precision)
+    runtime = get_runtime('openvino', precision=precision, device=device)
     if precision['name'] == 'int8':
         build['calibration'] = CalibrationReader([DEMO_IMAGES / 'zidane.jpg', DEMO_IMAGES / 'horses.jpg'], preprocess)
     artifact = runtime.build(out / 'model.onnx', tmp_path, **build)
@@ -38,14 +38,17 @@ def _built(exported, tmp_path, precision: dict, **build):
     return artifact, session, session.run(image)
 
 
-def test_fp32_runs_the_export_as_onnx_runtime_does(exported, tmp_path):
-    artifact, session, maps = _built(exported, tmp_path, {'name': 'fp32'})
+@pytest.mark.parametrize('device', ['CPU', 'AUTO'])
+def test_fp32_runs_the_export_as_onnx_runtime_does(exported, tmp_path, device):
+    """At f32 on the device, also through AUTO (which without the hint would run bf16 on this CPU)."""
+    artifact, session, maps = _built(exported, tmp_path, {'name': 'fp32'}, device=device)
     assert artifact.path.suffix == '.xml' and artifact.path.with_suffix('.bin').is_file()
     assert [m.shape for m in maps] == [m.shape for m in exported[3]]
     for ours, reference in zip(maps, exported[3]):
         assert np.allclose(ours, reference, atol=2e-3, rtol=1e-3), np.abs(ours - reference).max()
     report = session.report()
-    assert report['inference_precision'] == 'f32' and set(report['convolutions_by_precision']) == {'f32'}
+    assert report['inference_precision'] == ('f32' if device == 'CPU' else None)
+    assert report['execution_devices'] == ['CPU'] and set(report['convolutions_by_precision']) == {'f32'}
 
 
 def test_fp16_stores_f16_weights_and_says_what_the_device_ran(exported, tmp_path):
